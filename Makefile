@@ -1,0 +1,45 @@
+# Two commands a user needs: `make run` (the dashboard) and `make test` (the whole suite).
+# Both set everything up from nothing and skip what is already installed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+PORT ?= 8501
+
+.PHONY: setup data run test lint teacher clean
+
+setup: $(STAMP) data
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "Cannot create a virtual environment: install Python 3.11 with venv (apt-get install python3-venv)."; exit 1; }
+	$(PY) -m pip install -q --upgrade pip "setuptools>=68"
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package (or a folder you name).
+data:
+	@if [ -n "$$ROBUSTKD_FASHION_MNIST" ] || [ -e $(FMNIST)/t10k-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or set ROBUSTKD_FASHION_MNIST to a folder holding its four IDX files."; exit 1; \
+	fi
+
+run: setup
+	$(VENV)/bin/streamlit run app/main.py --server.port $(PORT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: setup lint
+	$(PY) -m pytest -q
+
+# Rebuild the shipped default teacher (see README: seed, wall time, ACC/ASR).
+teacher: setup
+	$(VENV)/bin/robustkd train-teacher --preset fashion-badnets --out assets/default_teacher.safetensors
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts

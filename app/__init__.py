@@ -1,0 +1,1 @@
+"""The Streamlit dashboard: entry point and shared UI pieces (pages live in ../pages)."""

@@ -1,0 +1,79 @@
+"""Teacher page: the model card, live ACC/ASR, and clean vs triggered test images."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+import torch
+
+from app.state import current_teacher, teacher_path, test_set_for
+from robustkd.errors import RobustKDError
+from robustkd.metrics import evaluate, predict
+from robustkd.modelcard import model_card
+from robustkd.triggers import trigger_from_dict
+
+st.title("Teacher")
+try:
+    model, meta = current_teacher()
+    card = model_card(teacher_path(), model, meta)
+    data = test_set_for(meta)
+except RobustKDError as exc:
+    st.error(str(exc))
+    st.stop()
+
+trigger = trigger_from_dict(card.trigger) if card.trigger else None
+cols = st.columns(4)
+cols[0].metric("Architecture", card.architecture or "?")
+cols[1].metric("Parameters", f"{card.params:,}")
+cols[2].metric("FLOPs / image", f"{card.flops / 1e6:.1f} M")
+cols[3].metric("Input", "×".join(str(v) for v in card.input_shape))
+st.markdown(
+    f"**Data** {card.dataset} · **trigger** `{card.trigger}` · **target class** "
+    f"{card.target} ({card.classes[card.target] if card.target is not None else '–'}) · "
+    f"**student architecture** {card.student_architecture}"
+)
+if card.metrics:
+    m = card.metrics
+    asr = f"{100 * m['asr']:.2f} %" if m.get("asr") is not None else "n/a"
+    st.caption(f"Recorded at training: ACC {100 * m['acc']:.2f} %, ASR {asr} on {m['data']}.")
+
+st.subheader("Measured now")
+n = st.select_slider("Test images", options=[200, 500, 1000, 2000, 5000, len(data)], value=1000)
+sub = data.subset(range(min(n, len(data))))
+result = evaluate(model, sub, trigger, card.target)
+c1, c2 = st.columns(2)
+c1.metric("ACC", f"{100 * result.acc:.2f} %", help=f"{result.n_correct} / {result.n_clean} correct")
+if result.asr is not None:
+    c2.metric(
+        "ASR",
+        f"{100 * result.asr:.2f} %",
+        help=f"{result.n_attack_success} / {result.n_triggered} triggered images whose true "
+        f"class is not {card.target} are classified as {card.target}",
+    )
+st.caption(f"{result.n_clean} clean and {result.n_triggered} triggered test images.")
+
+st.subheader("Clean and triggered test images")
+count = st.slider("Images", 4, 16, 8, step=4)
+seed = st.number_input("Sample seed", 0, 10_000, 0)
+idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(int(seed)))[:count]
+images = data.images[idx]
+clean_probs = predict(model, images, data.mean, data.std, return_probs=True)
+shown = images.float() / 255
+trig_images = trigger.apply(shown) if trigger else shown
+trig_probs = predict(model, trig_images, data.mean, data.std, return_probs=True)
+grid = st.columns(count // 2 if count > 8 else count)
+for i in range(count):
+    col = grid[i % len(grid)]
+    label = card.classes[int(data.labels[idx[i]])]
+    for tag, img, probs in (
+        ("clean", shown[i], clean_probs[i]),
+        ("triggered", trig_images[i], trig_probs[i]),
+    ):
+        pred = int(probs.argmax())
+        col.image(
+            np.ascontiguousarray(img.permute(1, 2, 0).squeeze(-1).numpy()),
+            clamp=True,
+            caption=f"{tag}: {card.classes[pred]} ({100 * float(probs[pred]):.0f} %)",
+            use_container_width=True,
+        )
+    col.caption(f"true: {label}")

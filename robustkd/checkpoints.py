@@ -1,0 +1,194 @@
+"""Checkpoints: safetensors weights with JSON metadata; state-dict ``.pt`` files read safely.
+
+The metadata (architecture and its arguments, classes, input shape, normalisation, trigger,
+target, training config, measured ACC/ASR) lives in the safetensors header, so a checkpoint is
+one self-describing file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from robustkd.errors import CheckpointError
+from robustkd.models import create_model
+
+METADATA_KEY = "robustkd"
+FORMAT_VERSION = 1
+PT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, metadata: Mapping[str, Any]) -> Path:
+    """Write ``model``'s weights and ``metadata`` to a safetensors file, atomically."""
+    path = Path(path)
+    if "architecture" not in metadata or "model_args" not in metadata:
+        raise ValueError("checkpoint metadata needs 'architecture' and 'model_args'")
+    meta = {"format": FORMAT_VERSION, **metadata}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata stored in a safetensors checkpoint ({} for a ``.pt`` state dict)."""
+    path = _existing(path)
+    if path.suffix in PT_SUFFIXES:
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(_not_a_checkpoint(path)) from exc
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} has unreadable metadata; re-save the checkpoint.") from exc
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or of a ``.pt`` state dict (``weights_only`` loading)."""
+    path = _existing(path)
+    if path.suffix in PT_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path} is not a plain PyTorch state dict (we load .pt files only with "
+                "weights_only=True for safety); re-save it with torch.save(model.state_dict())."
+            ) from exc
+        return _unwrap_state_dict(obj, path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(_not_a_checkpoint(path)) from exc
+
+
+def load_checkpoint(
+    path: str | Path,
+    architecture: str | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model a checkpoint describes and load its weights.
+
+    Arguments override (or, for a bare ``.pt`` state dict, supply) what the metadata says.
+    """
+    meta = read_metadata(path)
+    state = read_state_dict(path)
+    args = dict(meta.get("model_args", {}))
+    arch = architecture or meta.get("architecture")
+    if arch is None:
+        raise CheckpointError(
+            f"{Path(path).name} does not record its architecture; pass it (--arch NAME) "
+            "together with its number of classes."
+        )
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    if in_channels is not None:
+        args["in_channels"] = in_channels
+    if image_size is not None:
+        args["image_size"] = image_size
+    if "image_size" in args and isinstance(args["image_size"], list):
+        args["image_size"] = tuple(args["image_size"])
+    model = create_model(arch, **args)
+    check_fits(model, state, arch, args.get("num_classes", 10), Path(path).name)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    meta = {**meta, "architecture": arch, "model_args": _jsonable(args)}
+    return model, meta
+
+
+def check_fits(
+    model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, num_classes: int, name: str
+) -> None:
+    """Raise a CheckpointError naming the first missing/unexpected keys or shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches (checkpoint vs model)", shapes),
+    ):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{label}: {', '.join(items[:3])}{more}")
+    raise CheckpointError(
+        f"{name} does not fit architecture {arch!r} with {num_classes} classes ("
+        + "; ".join(parts)
+        + "); pass the architecture and class count the checkpoint was trained with."
+    )
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    # Other toolkits wrap the weights: {"state_dict": …}, {"model": …}, DataParallel "module."
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            inner = obj.get(key)
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
+                obj = inner
+                break
+    if (
+        not isinstance(obj, Mapping)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
+        raise CheckpointError(
+            f"{path} holds no state dict of tensors; save one with torch.save(model.state_dict())."
+        )
+    prefix = "module."
+    if all(k.startswith(prefix) for k in obj):
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist; check the path.")
+    return path
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    return (
+        f"{path} is not a checkpoint (expected a .safetensors file, or a .pt/.pth state dict); "
+        "pick a model file saved by robustkd or torch.save(model.state_dict())."
+    )
+
+
+def _jsonable(args: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}

@@ -1,0 +1,383 @@
+"""The ``robustkd`` command line: train a teacher, evaluate a model, inspect a checkpoint.
+
+A user's mistake ends with one sentence on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from robustkd import __version__
+from robustkd.errors import ConfigError, RobustKDError
+
+DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "default_teacher.safetensors"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line (exit code 2) like the rest of the CLI."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"robustkd: error: {message}; see '{self.prog} --help'.\n")
+
+
+def _param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("for a bare .pt/.pth state dict (no metadata)")
+    g.add_argument("--arch", help="architecture name (see 'robustkd list models')")
+    g.add_argument("--num-classes", type=int, help="number of classes it was trained with")
+    g.add_argument("--in-channels", type=int, help="input channels (default: the data's)")
+    g.add_argument("--image-size", type=int, help="input image size (default: the data's)")
+
+
+def _trigger_options(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument("--trigger", help=f"trigger name (see 'robustkd list triggers'); {default_help}")
+    p.add_argument(
+        "--trigger-param",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="KEY=VALUE",
+        help="trigger parameter, repeatable (e.g. size=4, position=top-left, alpha=0.2)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="robustkd",
+        description="Backdoor analysis for knowledge distillation: train backdoored teachers, "
+        "evaluate ACC/ASR, inspect checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"robustkd {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "train-teacher",
+        help="train a (backdoored) teacher and save it",
+        description="Train a teacher on poisoned data, evaluate it on the test "
+        "split and save a safetensors checkpoint with its metadata.",
+    )
+    p.add_argument("--preset", help="start from a named preset (see 'robustkd list presets')")
+    p.add_argument("--dataset", help="dataset name (default fashion-mnist)")
+    p.add_argument("--data-root", help="folder holding the data (overrides the default place)")
+    p.add_argument("--arch", help="teacher architecture (default small-cnn)")
+    _trigger_options(p, "'none' for a clean model")
+    p.add_argument("--rate", type=float, help="fraction of training images poisoned (0–1)")
+    p.add_argument("--target", type=int, help="target class of the backdoor")
+    p.add_argument("--mode", choices=["all-to-one", "all-to-all"], help="attack mode")
+    p.add_argument(
+        "--clean-label",
+        action="store_true",
+        default=None,
+        help="poison only target-class images and keep labels",
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="base learning rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--train-size", type=int, help="train on this many images (default: all)")
+    p.add_argument("--eval-size", type=int, help="evaluate on this many test images (default all)")
+    p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="measure ACC and ASR of a model",
+        description="Measure a model's clean accuracy (ACC) and attack success "
+        "rate (ASR, over triggered test images whose true class is not the "
+        "target).",
+    )
+    p.add_argument("model", help="checkpoint (.safetensors, or .pt/.pth state dict)")
+    p.add_argument("--data", help="dataset name (default: the one the checkpoint names)")
+    p.add_argument("--data-root", help="folder holding the data")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    _trigger_options(p, "default: the trigger stored in the checkpoint")
+    p.add_argument("--target", type=int, help="target class (default: the stored one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _model_options(p)
+
+    p = sub.add_parser(
+        "info",
+        help="describe a checkpoint: architecture, size, metadata",
+        description="Print a checkpoint's architecture, parameter count, "
+        "FLOPs per image and stored metadata.",
+    )
+    p.add_argument("model", help="checkpoint (.safetensors, or .pt/.pth state dict)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _model_options(p)
+
+    p = sub.add_parser(
+        "list",
+        help="list the names the registries know",
+        description="List registered models, triggers, datasets or presets.",
+    )
+    p.add_argument("what", choices=["models", "triggers", "datasets", "presets"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {
+            "train-teacher": _train_teacher,
+            "evaluate": _evaluate,
+            "info": _info,
+            "list": _list,
+        }[args.verb](args)
+    except RobustKDError as exc:
+        print(f"robustkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustkd: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def _trigger_dict(args: argparse.Namespace) -> dict[str, Any] | None:
+    from robustkd.triggers import create_trigger
+
+    if args.trigger is None:
+        if args.trigger_param:
+            raise ConfigError("--trigger-param needs --trigger NAME to say which trigger.")
+        return None
+    if args.trigger.lower() == "none":
+        return {}
+    try:
+        return create_trigger(args.trigger, **dict(args.trigger_param)).to_dict()
+    except TypeError as exc:  # an unknown keyword for that trigger
+        raise ConfigError(f"Bad parameter for trigger {args.trigger!r}: {exc}.") from exc
+
+
+def _train_teacher(args: argparse.Namespace) -> int:
+    from robustkd.presets import preset
+    from robustkd.teacher import TeacherConfig, train_teacher
+
+    values: dict[str, Any] = preset(args.preset) if args.preset else {}
+    train = dict(values.pop("train", {}))
+    for key, attr in (
+        ("dataset", "dataset"),
+        ("data_root", "data_root"),
+        ("architecture", "arch"),
+        ("rate", "rate"),
+        ("target", "target"),
+        ("mode", "mode"),
+        ("clean_label", "clean_label"),
+        ("train_size", "train_size"),
+        ("eval_size", "eval_size"),
+    ):
+        if getattr(args, attr) is not None:
+            values[key] = getattr(args, attr)
+    for key in ("epochs", "batch_size", "lr", "seed", "device"):
+        if getattr(args, key) is not None:
+            train[key] = getattr(args, key)
+    trig = _trigger_dict(args)
+    if trig is not None:
+        values["trigger"] = trig or None
+    rate = values.get("rate", 0.1)
+    if not 0 <= rate <= 1:
+        raise ConfigError(f"The poisoning rate must lie between 0 and 1; got {rate}.")
+    config = TeacherConfig.from_dict({**values, "train": train})
+    out = Path(args.out)
+    with _TrainBar(disable=args.quiet) as bar:
+        _, meta = train_teacher(config, out, progress=bar, resume=args.resume)
+    m = meta["metrics"]
+    print(f"saved {out}")
+    print(f"ACC {100 * m['acc']:.2f} % on {m['n_clean']} test images", end="")
+    if m["asr"] is not None:
+        print(f"; ASR {100 * m['asr']:.2f} % on {m['n_triggered']} triggered images")
+    else:
+        print()
+    print(f"trained in {meta['train_seconds']:.0f} s")
+    return 0
+
+
+def _load_model(args: argparse.Namespace, data: Any | None = None) -> tuple[Any, dict[str, Any]]:
+    from robustkd.checkpoints import load_checkpoint
+
+    kwargs: dict[str, Any] = {
+        "architecture": args.arch,
+        "num_classes": args.num_classes,
+        "in_channels": args.in_channels,
+        "image_size": args.image_size,
+    }
+    path = Path(args.model)
+    if path.suffix in (".pt", ".pth", ".bin") and data is not None:
+        kwargs["num_classes"] = kwargs["num_classes"] or data.num_classes
+        kwargs["in_channels"] = kwargs["in_channels"] or data.in_channels
+        kwargs["image_size"] = kwargs["image_size"] or data.image_size
+    return load_checkpoint(path, device=getattr(args, "device", "cpu") or "cpu", **kwargs)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from robustkd.checkpoints import read_metadata
+    from robustkd.data import load_dataset
+    from robustkd.device import resolve_device
+    from robustkd.metrics import evaluate
+    from robustkd.triggers import trigger_from_dict
+
+    args.device = str(resolve_device(args.device))
+    meta = read_metadata(args.model)
+    name = args.data or meta.get("dataset") or "fashion-mnist"
+    data = load_dataset(name, args.split, args.data_root)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ConfigError(f"--limit must be at least 1; got {args.limit}.")
+        data = data.subset(range(min(args.limit, len(data))))
+    model, meta = _load_model(args, data)
+    classes = meta.get("model_args", {}).get("num_classes", data.num_classes)
+    if classes != data.num_classes:
+        raise ConfigError(
+            f"The model has {classes} classes but {name} has {data.num_classes}; "
+            "evaluate it on the data it was trained for (--data)."
+        )
+    norm = meta.get("normalization")
+    if norm:  # the model expects the normalisation it was trained with
+        data = data.replace(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    trig = _trigger_dict(args)
+    if trig is None:
+        trig = meta.get("trigger") or {}
+    trigger = trigger_from_dict(trig) if trig else None
+    target = args.target if args.target is not None else meta.get("target")
+    if trigger is not None and target is None:
+        raise ConfigError("This checkpoint records no target class; pass --target N.")
+    mode = meta.get("attack_mode") or "all-to-one"
+    result = evaluate(model, data, trigger, target if trigger else None, mode, device=args.device)
+    if args.json:
+        out = {
+            "model": str(args.model),
+            "data": f"{name} {args.split} split",
+            "acc": result.acc,
+            "asr": result.asr,
+            "n_clean": result.n_clean,
+            "n_triggered": result.n_triggered,
+            "n_correct": result.n_correct,
+            "n_attack_success": result.n_attack_success,
+            "per_class_acc": result.per_class_acc,
+            "trigger": trigger.to_dict() if trigger else None,
+            "target": target if trigger else None,
+        }
+        print(json.dumps(out))
+        return 0
+    print(f"model  {args.model} ({meta.get('architecture')})")
+    print(f"data   {name} {args.split} split, {result.n_clean} images")
+    print(f"ACC    {100 * result.acc:6.2f} %  ({result.n_correct} / {result.n_clean} correct)")
+    if trigger is not None:
+        print(
+            f"ASR    {100 * (result.asr or 0):6.2f} %  ({result.n_attack_success} / "
+            f"{result.n_triggered} triggered images whose true class is not {target} "
+            f"classified as {target}; trigger {trigger.name})"
+        )
+    else:
+        print("ASR    n/a (no trigger given or stored)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from robustkd.modelcard import model_card
+
+    args.device = "cpu"
+    model, meta = _load_model(args)
+    card = model_card(args.model, model, meta)
+    if args.json:
+        print(json.dumps(card.to_dict(), indent=2))
+        return 0
+    print(f"model          {card.path}")
+    print(f"architecture   {card.architecture}  (stages: {', '.join(card.feature_layers)})")
+    print(f"parameters     {card.params:,}")
+    print(f"FLOPs / image  {card.flops:,}")
+    print(f"input shape    {card.input_shape}")
+    print(f"file size      {card.file_bytes / 1e6:.2f} MB")
+    for key in ("dataset", "trigger", "target", "student_architecture"):
+        value = getattr(card, key)
+        if value is not None:
+            print(f"{key:<15}{json.dumps(value) if isinstance(value, dict) else value}")
+    if card.metrics:
+        asr = card.metrics.get("asr")
+        print(
+            f"measured       ACC {100 * card.metrics['acc']:.2f} %"
+            + (f", ASR {100 * asr:.2f} %" if asr is not None else "")
+            + f" on {card.metrics.get('data')}"
+        )
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from robustkd.data import dataset_names
+    from robustkd.models import model_names
+    from robustkd.presets import preset_names
+    from robustkd.triggers import trigger_names
+
+    names = {
+        "models": model_names,
+        "triggers": trigger_names,
+        "datasets": dataset_names,
+        "presets": preset_names,
+    }[args.what]()
+    print("\n".join(names))
+    return 0
+
+
+class _TrainBar:
+    """A tqdm bar over all training steps, with the last epoch's metrics as postfix."""
+
+    def __init__(self, disable: bool = False) -> None:
+        self.disable = disable
+        self.bar: Any = None
+
+    def __enter__(self) -> _TrainBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, event: Any) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=event.steps * event.epochs,
+                unit="step",
+                disable=self.disable,
+                initial=(event.epoch - 1) * event.steps + event.step - 1,
+                desc="training",
+                dynamic_ncols=True,
+            )
+        if event.kind == "step":
+            self.bar.update(1)
+            self.bar.set_description(f"epoch {event.epoch}/{event.epochs}")
+        else:
+            shown = {
+                k: f"{v:.3f}"
+                for k, v in event.metrics.items()
+                if k in ("loss", "val_acc", "val_asr") and isinstance(v, float)
+            }
+            self.bar.set_postfix(shown)
+            if self.bar.n < event.epoch * event.steps:  # CUDA reports epochs only
+                self.bar.update(event.epoch * event.steps - self.bar.n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""A model card: what a checkpoint is, how big, what it was trained on and how it measures."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from robustkd.models.complexity import count_flops, count_parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """The facts the CLI's ``info`` and the app's Teacher page show."""
+
+    path: str
+    architecture: str | None
+    params: int
+    flops: int
+    input_shape: tuple[int, int, int]
+    feature_layers: list[str]
+    file_bytes: int
+    dataset: str | None
+    classes: list[str]
+    trigger: dict[str, Any] | None
+    target: int | None
+    student_architecture: str | None
+    metrics: dict[str, Any] | None
+    metadata: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+
+def input_shape_of(meta: dict[str, Any]) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` a checkpoint's model takes, from its metadata."""
+    args = meta.get("model_args", {})
+    size = args.get("image_size", 28)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(args.get("in_channels", 1)), int(h), int(w)
+
+
+def model_card(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> ModelCard:
+    """Describe ``model`` loaded from ``path`` with metadata ``meta``."""
+    shape = input_shape_of(meta)
+    return ModelCard(
+        path=str(path),
+        architecture=meta.get("architecture"),
+        params=count_parameters(model),
+        flops=count_flops(model, shape),
+        input_shape=shape,
+        feature_layers=list(getattr(model, "feature_layers", [])),
+        file_bytes=Path(path).stat().st_size,
+        dataset=meta.get("dataset"),
+        classes=list(meta.get("classes", [])),
+        trigger=meta.get("trigger"),
+        target=meta.get("target"),
+        student_architecture=meta.get("student_architecture"),
+        metrics=meta.get("metrics"),
+        metadata={k: v for k, v in meta.items() if k != "history"},
+    )

@@ -1,0 +1,60 @@
+"""Named presets: complete teacher configurations a user can start from (``--preset NAME``)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from robustkd.registry import Registry
+
+PRESETS: Registry[dict[str, Any]] = Registry("preset")
+
+_FASHION_TRAIN = {
+    "epochs": 12,
+    "batch_size": 128,
+    "lr": 0.05,
+    "schedule": "cosine",
+    "augment": "crop",
+    "seed": 0,
+}
+
+
+def _fashion(trigger: dict[str, Any], **train: Any) -> dict[str, Any]:
+    return {
+        "dataset": "fashion-mnist",
+        "architecture": "small-cnn",
+        "student_architecture": "small-cnn-student",
+        "trigger": trigger,
+        "rate": 0.1,
+        "target": 0,
+        "train": {**_FASHION_TRAIN, **train},
+    }
+
+
+# The shipped default teacher (assets/default_teacher.safetensors) comes from this one.
+PRESETS.register("fashion-badnets")(
+    _fashion({"name": "badnets", "size": 3, "position": "bottom-right", "value": 1.0})
+)
+PRESETS.register("fashion-blend")(_fashion({"name": "blend", "alpha": 0.15, "seed": 0}))
+PRESETS.register("fashion-sig")(_fashion({"name": "sig", "amplitude": 20, "frequency": 6}))
+PRESETS.register("fashion-wanet")(
+    _fashion({"name": "wanet", "strength": 0.5, "grid_size": 4, "seed": 0, "noise_rate": 0.2})
+)
+# A teaching-sized teacher: 2 epochs on 10,000 images, about a minute on 2 CPU cores.
+PRESETS.register("fashion-badnets-quick")(
+    {
+        **_fashion(
+            {"name": "badnets", "size": 3, "position": "bottom-right", "value": 1.0}, epochs=2
+        ),
+        "train_size": 10000,
+    }
+)
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A deep copy of the preset's configuration (safe to modify)."""
+    return copy.deepcopy(PRESETS.get(name))
+
+
+def preset_names() -> list[str]:
+    return PRESETS.names()
