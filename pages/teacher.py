@@ -74,6 +74,6 @@ for i in range(count):
             np.ascontiguousarray(img.permute(1, 2, 0).squeeze(-1).numpy()),
             clamp=True,
             caption=f"{tag}: {card.classes[pred]} ({100 * float(probs[pred]):.0f} %)",
-            use_container_width=True,
+            width="stretch",
         )
     col.caption(f"true: {label}")

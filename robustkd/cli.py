@@ -312,7 +312,8 @@ def _info(args: argparse.Namespace) -> int:
     for key in ("dataset", "trigger", "target", "student_architecture"):
         value = getattr(card, key)
         if value is not None:
-            print(f"{key:<15}{json.dumps(value) if isinstance(value, dict) else value}")
+            label = key.replace("_architecture", "")
+            print(f"{label:<15}{json.dumps(value) if isinstance(value, dict) else value}")
     if card.metrics:
         asr = card.metrics.get("asr")
         print(

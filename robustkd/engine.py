@@ -101,7 +101,9 @@ class TrainEvent:
     seconds: float = 0.0
 
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# loss_fn(model, inputs, labels, indices): indices point into the training set, so a loss can
+# look up per-sample facts (e.g. which samples were screened out of distillation).
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[TrainEvent], None]
 EvalFn = Callable[[nn.Module], dict[str, Any]]
 
@@ -180,7 +182,7 @@ def train_model(
 ) -> TrainResult:
     """Train ``model`` in place on ``train_set``.
 
-    ``loss_fn(model, inputs, labels)`` defaults to cross-entropy; ``evaluate(model)`` runs
+    ``loss_fn(model, inputs, labels, indices)`` defaults to cross-entropy; ``evaluate(model)`` runs
     after each epoch and its dict joins the history; with ``state_path`` the full training
     state is saved after every epoch and ``resume=True`` continues from it.
     """
@@ -202,7 +204,9 @@ def train_model(
     if loss_fn is None:
         smoothing = config.label_smoothing
 
-        def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss_fn(
+            m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor
+        ) -> torch.Tensor:
             return F.cross_entropy(m(x), y, label_smoothing=smoothing)
 
     history: list[dict[str, Any]] = []
@@ -216,15 +220,16 @@ def train_model(
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        for step, (images, labels) in enumerate(
-            data.batches(config.batch_size, shuffle=True, generator=generator), start=1
-        ):
+        order = torch.randperm(len(data), generator=generator).to(data.device)
+        for step, start in enumerate(range(0, len(data), config.batch_size), start=1):
+            idx = order[start : start + config.batch_size]
+            images, labels = data.images[idx], data.labels[idx]
             x = augment_batch(to_float(images), config.augment, config.crop_padding, generator)
             x = normalize(x, data.mean, data.std)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = loss_fn(model, x, labels)
+                loss = loss_fn(model, x, labels, idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -98,7 +98,7 @@ def test_resume_refuses_other_options(small_train: ImageDataset, tmp_path: Path)
 
 
 def test_nan_loss_stops_with_a_message(small_train: ImageDataset) -> None:
-    def bad_loss(m, x, y):
+    def bad_loss(m, x, y, idx):
         return m(x).sum() * float("nan")
 
     with pytest.raises(DivergedError, match="lower the learning rate"):
