@@ -126,13 +126,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _model_options(p)
 
+    for verb, text in (
+        ("distill", "distil one student (or defend the teacher) with one method"),
+        ("compare", "run several methods on one scenario and write a comparison report"),
+    ):
+        p = sub.add_parser(
+            verb,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}; the results go to a run folder "
+            "(report.json/.md/.csv, figures/*.html, checkpoints/).",
+        )
+        _distill_options(p, verb)
+
+    p = sub.add_parser(
+        "runs",
+        help="list run folders and their status",
+        description="List the runs in the runs folder, newest first.",
+    )
+    p.add_argument("--root", help="runs folder (default $ROBUSTKD_RUNS or ./runs)")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+
     p = sub.add_parser(
         "list",
         help="list the names the registries know",
-        description="List registered models, triggers, datasets or presets.",
+        description="List registered models, triggers, datasets, presets or methods.",
     )
-    p.add_argument("what", choices=["models", "triggers", "datasets", "presets"])
+    p.add_argument("what", choices=["models", "triggers", "datasets", "presets", "methods"])
     return parser
+
+
+def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--teacher", help="teacher checkpoint (default: the shipped teacher)")
+    p.add_argument("--preset", help="scenario and training sizes (see 'robustkd list presets')")
+    if verb == "distill":
+        p.add_argument("--method", default="robustkd", help="see 'robustkd list methods'")
+    else:
+        p.add_argument("--methods", help="comma-separated (default: all methods)")
+    p.add_argument("--scenario", choices=["clean", "untrusted", "teacher-train"])
+    p.add_argument("--rate", type=float, help="fraction of distillation images triggered")
+    p.add_argument("--trusted-size", type=int, help="images in the defender's clean set")
+    p.add_argument("--distill-size", type=int, help="images in the distillation set")
+    p.add_argument("--test-size", type=int, help="test images for the final numbers")
+    p.add_argument("--student", help="student architecture (default: the teacher's choice)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--layers", help="teacher layers, comma-separated (default: all stages)")
+    p.add_argument("--threshold", type=float, help="variance-score threshold (default: auto)")
+    p.add_argument("--granularity", choices=["unit", "channel"])
+    p.add_argument("--no-screen", action="store_true", help="do not screen samples")
+    p.add_argument("--tau", type=float, help="upper clamp of the learned detox mask")
+    p.add_argument("--noise-rate", type=float, help="salt-and-pepper rate on the student input")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--data-root", help="folder holding the data")
+    p.add_argument("--out", help="run folder to create (default: a new one under ./runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "evaluate": _evaluate,
             "info": _info,
             "list": _list,
+            "distill": _distill,
+            "compare": _distill,
+            "runs": _runs,
         }[args.verb](args)
     except RobustKDError as exc:
         print(f"robustkd: error: {exc}", file=sys.stderr)
@@ -326,6 +378,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from robustkd.data import dataset_names
+    from robustkd.distill import METHODS
     from robustkd.models import model_names
     from robustkd.presets import preset_names
     from robustkd.triggers import trigger_names
@@ -335,16 +388,119 @@ def _list(args: argparse.Namespace) -> int:
         "triggers": trigger_names,
         "datasets": dataset_names,
         "presets": preset_names,
+        "methods": METHODS.names,
     }[args.what]()
     print("\n".join(names))
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from robustkd.checkpoints import load_checkpoint
+    from robustkd.compare import compare
+    from robustkd.distill import METHODS, DistillConfig
+    from robustkd.presets import preset
+    from robustkd.runs import Run, RunCancelled, RunProgress
+    from robustkd.scenarios import build_scenario
+
+    plan = preset(args.preset)["distill"] if args.preset else preset("fashion-badnets")["distill"]
+    values = dict(plan.get("config", {}))
+    for key in ("student", "epochs", "batch_size", "lr", "layers", "threshold", "granularity",
+                "tau", "noise_rate", "seed", "device"):  # fmt: skip
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.no_screen:
+        values["screen"] = False
+    config = DistillConfig.from_dict(values).validate()
+    if args.verb == "distill":
+        methods = [args.method]
+    else:
+        methods = [m.strip() for m in (args.methods or ",".join(_METHOD_ORDER)).split(",")]
+    for m in methods:
+        METHODS.get(m)
+    teacher_path = Path(args.teacher) if args.teacher else DEFAULT_TEACHER
+    teacher, meta = load_checkpoint(teacher_path)
+    meta["path"] = str(teacher_path)
+    for key in ("scenario", "rate", "trusted_size", "distill_size", "test_size"):
+        if getattr(args, key) is not None:
+            plan[key] = getattr(args, key)
+    scenario = build_scenario(
+        plan["scenario"], meta, rate=plan["rate"], trusted_size=plan["trusted_size"],
+        distill_size=plan["distill_size"], test_size=plan.get("test_size"), seed=config.seed,
+        data_root=args.data_root,
+    )  # fmt: skip
+    command = "robustkd " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("robustkd") else ""
+    full_config = {"verb": args.verb, "teacher": str(teacher_path), "methods": methods,
+                   "plan": plan, "distill": config.to_dict()}  # fmt: skip
+    if args.out:
+        out = Path(args.out)
+        run = Run.create(out.parent, args.verb, full_config, run_id=out.name)
+    else:
+        run = Run.create(None, args.verb, full_config)
+    run.start(epochs=config.epochs * len(methods))
+    bars: list[_TrainBar] = []
+
+    def progress_for(method: str) -> RunProgress:
+        if bars:
+            bars[-1].__exit__()
+        bar = _TrainBar(disable=args.quiet, desc=method)
+        bars.append(bar)
+        return RunProgress(run, phase=method, inner=bar)
+
+    try:
+        report = compare(teacher, meta, scenario, methods, config, run, progress_for, command)
+    except RunCancelled:
+        run.mark_cancelled()
+        print(f"cancelled; partial results in {run.path}", file=sys.stderr)
+        return 1
+    except RobustKDError as exc:
+        run.fail(str(exc))
+        raise
+    except BaseException as exc:
+        run.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if bars:
+            bars[-1].__exit__()
+    run.finish(report)
+    from robustkd.compare import report_markdown
+
+    print(report_markdown(report))
+    print(f"run folder: {run.path}")
+    return 0
+
+
+_METHOD_ORDER = ["scratch", "logit-kd", "feature-kd", "robustkd", "robustkd-paper", "nad",
+                 "fine-tuning", "fine-pruning"]  # fmt: skip
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from robustkd.runs import default_runs_root, list_runs, refresh_state
+
+    rows = []
+    for run in list_runs(args.root or default_runs_root()):
+        status = refresh_state(run)
+        rows.append({"id": run.id, "state": status.get("state"), "kind": status.get("kind"),
+                     "phase": status.get("phase"), "message": status.get("message"),
+                     "path": str(run.path)})  # fmt: skip
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print("no runs yet")
+    for r in rows if not args.json else []:
+        extra = f" ({r['message']})" if r.get("message") else ""
+        print(f"{r['id']:<45} {r['state']:<10} {r.get('phase') or ''}{extra}")
+    return 0
+
+
+_SHOWN = ("loss", "val_acc", "val_asr", "test_acc", "test_asr")
+
+
 class _TrainBar:
     """A tqdm bar over all training steps, with the last epoch's metrics as postfix."""
 
-    def __init__(self, disable: bool = False) -> None:
+    def __init__(self, disable: bool = False, desc: str = "") -> None:
         self.disable = disable
+        self.desc = desc
         self.bar: Any = None
 
     def __enter__(self) -> _TrainBar:
@@ -363,17 +519,18 @@ class _TrainBar:
                 unit="step",
                 disable=self.disable,
                 initial=(event.epoch - 1) * event.steps + event.step - 1,
-                desc="training",
+                desc=self.desc or "training",
                 dynamic_ncols=True,
             )
         if event.kind == "step":
             self.bar.update(1)
-            self.bar.set_description(f"epoch {event.epoch}/{event.epochs}")
+            self.bar.set_description(f"{self.desc} epoch {event.epoch}/{event.epochs}".strip())
         else:
             shown = {
                 k: f"{v:.3f}"
                 for k, v in event.metrics.items()
-                if k in ("loss", "val_acc", "val_asr") and isinstance(v, float)
+                if k in ("loss", "val_acc", "val_asr", "test_acc", "test_asr")
+                and isinstance(v, float)
             }
             self.bar.set_postfix(shown)
             if self.bar.n < event.epoch * event.steps:  # CUDA reports epochs only

@@ -205,9 +205,8 @@ class ThresholdFit:
         return {n: int(f.mask(threshold).sum()) for n, f in self.layers.items()}
 
     def detoxifier(self, threshold: float | None = None, blend: float = 1.0) -> Detoxifier:
-        mods = {
-            n: ThresholdDetox(f.mask(threshold), f.clean_mean, blend) for n, f in self.layers.items()
-        }
+        mods = {n: ThresholdDetox(f.mask(threshold), f.clean_mean, blend)
+                for n, f in self.layers.items()}  # fmt: skip
         info = {"thresholds": self.thresholds(threshold), "granularity": self.granularity,
                 "flagged_units": self.flagged_units(threshold)}  # fmt: skip
         return Detoxifier(mods, "threshold", info)

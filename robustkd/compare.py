@@ -1,0 +1,162 @@
+"""Comparisons: run several methods on one scenario and write the report (JSON, Markdown,
+CSV, Plotly HTML) and the students' checkpoints into a run folder."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from robustkd import __version__
+from robustkd.checkpoints import save_checkpoint
+from robustkd.distill import METHODS, DistillConfig, run_method
+from robustkd.engine import ProgressFn
+from robustkd.metrics import der, evaluate
+from robustkd.models.complexity import count_flops, count_parameters
+from robustkd.runs import Run, atomic_write_json, atomic_write_text
+from robustkd.scenarios import Scenario
+
+REFERENCE = "feature-kd"  # DER is measured against plain KD when it is in the comparison
+REPORT_COLUMNS = ["method", "acc", "asr", "der", "params", "flops", "scenario", "seed",
+                  "trusted_size", "rate", "flagged_samples", "train_seconds"]  # fmt: skip
+
+
+def teacher_row(teacher: nn.Module, scenario: Scenario) -> dict[str, Any]:
+    ev = evaluate(teacher.cpu().eval(), scenario.test, scenario.trigger, scenario.target,
+                  scenario.mode)  # fmt: skip
+    return {
+        "method": "teacher", "acc": ev.acc, "asr": ev.asr, "n_clean": ev.n_clean,
+        "n_triggered": ev.n_triggered, "per_class_acc": ev.per_class_acc,
+        "params": count_parameters(teacher),
+        "flops": count_flops(teacher, scenario.test.input_shape),
+    }  # fmt: skip
+
+
+def compare(
+    teacher: nn.Module,
+    teacher_meta: dict[str, Any],
+    scenario: Scenario,
+    methods: Sequence[str],
+    config: DistillConfig,
+    run: Run,
+    progress_for: Callable[[str], ProgressFn | None] | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run ``methods`` one after the other; the report is rewritten after each one."""
+    for m in methods:
+        METHODS.get(m)
+    config.validate()
+    report: dict[str, Any] = {
+        "teacher": teacher_row(teacher, scenario),
+        "teacher_path": teacher_meta.get("path"),
+        "scenario": scenario.info,
+        "config": config.to_dict(),
+        "methods": {},
+        "reference": REFERENCE if REFERENCE in methods else "teacher",
+        "command": command,
+        "robustkd": __version__,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    shared: dict[str, Any] = {}
+    for method in methods:
+        progress = progress_for(method) if progress_for else None
+        result = run_method(method, teacher, teacher_meta, scenario, config, progress, shared)
+        row = {**result.metrics, "history": result.history}
+        ckpt = run.checkpoint_path(f"{method}.safetensors")
+        save_checkpoint(ckpt, result.model, {
+            "kind": "student" if result.model is not teacher else "teacher",
+            "architecture": config.student or teacher_meta.get("student_architecture")
+            if method not in ("fine-tuning", "fine-pruning") else teacher_meta["architecture"],
+            "model_args": teacher_meta["model_args"],
+            "dataset": teacher_meta.get("dataset"), "classes": teacher_meta.get("classes"),
+            "normalization": teacher_meta.get("normalization"),
+            "trigger": teacher_meta.get("trigger"), "target": teacher_meta.get("target"),
+            "method": method, "scenario": scenario.info,
+            "metrics": {k: row[k] for k in ("acc", "asr", "n_clean", "n_triggered")},
+        })  # fmt: skip
+        if result.detoxifier is not None:
+            result.detoxifier.save(run.checkpoint_path(f"{method}-detox.safetensors"))
+        row["checkpoint"] = str(ckpt)
+        report["methods"][method] = row
+        _add_der(report)
+        write_report(run.path, report)
+    return report
+
+
+def _add_der(report: dict[str, Any]) -> None:
+    ref = report["methods"].get(report["reference"]) or report["teacher"]
+    for row in report["methods"].values():
+        if row.get("asr") is not None and ref.get("asr") is not None:
+            row["der"] = der(ref["acc"], ref["asr"], row["acc"], row["asr"])
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}" if isinstance(v, float) else "–"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    info = report["scenario"]
+    lines = [
+        f"# Comparison — scenario `{info['scenario']}`",
+        "",
+        f"Data {info['dataset']}: distillation set {info['distill_size']} images "
+        f"({info['n_poisoned']} carry the trigger), trusted clean set {info['trusted_size']}, "
+        f"test set {info['test_size']}; seed {info['seed']}. ACC/ASR in %, ASR over triggered "
+        f"test images whose true class is not the target. DER against `{report['reference']}`.",
+        "",
+        "| model | ACC | ASR | DER | params | FLOPs | flagged samples | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    t = report["teacher"]
+    lines.append(f"| teacher | {_pct(t['acc'])} | {_pct(t['asr'])} | – | {t['params']:,} | "
+                 f"{t['flops']:,} | – | – |")  # fmt: skip
+    for name, r in report["methods"].items():
+        flagged = r.get("flagged_samples", "–")
+        d = f"{r['der']:.3f}" if "der" in r else "–"
+        lines.append(
+            f"| {name} | {_pct(r['acc'])} | {_pct(r['asr'])} | {d} | {r['params']:,} | "
+            f"{r['flops']:,} | {flagged} | {r.get('train_seconds', '–')} |"
+        )
+    if report.get("command"):
+        lines += ["", f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def report_csv(report: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerow({**report["teacher"], "scenario": report["scenario"]["scenario"]})
+    for r in report["methods"].values():
+        writer.writerow(r)
+    return buf.getvalue()
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    """report.json, report.md, report.csv and figures/*.html, each written atomically."""
+    from robustkd.figures import acc_asr_bars, per_class_bars, training_curves
+
+    atomic_write_json(folder / "report.json", report)
+    atomic_write_text(folder / "report.md", report_markdown(report))
+    atomic_write_text(folder / "report.csv", report_csv(report))
+    figs = {
+        "acc_asr": acc_asr_bars(report),
+        "curves_asr": training_curves(report, "test_asr"),
+        "curves_acc": training_curves(report, "test_acc"),
+        "per_class": per_class_bars(report),
+    }
+    fig_dir = folder / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    js = fig_dir / "plotly.min.js"
+    if not js.exists():  # one local copy: the figures open offline
+        from plotly.offline import get_plotlyjs
+
+        atomic_write_text(js, get_plotlyjs())
+    for name, fig in figs.items():
+        html = fig.to_html(include_plotlyjs="plotly.min.js", full_html=True)
+        atomic_write_text(fig_dir / f"{name}.html", html)

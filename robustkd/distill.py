@@ -1,0 +1,479 @@
+"""Robust distillation and the baselines it is compared with, on one engine and one data set.
+
+Methods (registry ``METHODS``; the CLI, the app and the reports use these names):
+
+- ``scratch``: the student trained with cross-entropy only (the ASR floor).
+- ``logit-kd``: Hinton's KD from the teacher's logits, plus cross-entropy.
+- ``feature-kd``: plain KD — overhaul feature distillation + logit KD + cross-entropy, no
+  defence. The reference every defence is measured against.
+- ``robustkd``: our default recipe — the same losses from the *detoxified* teacher: units whose
+  variance on the distillation data exceeds the clean-halves threshold are replaced by their
+  trusted clean mean at every stage, and samples deviating on those units get cross-entropy only.
+- ``robustkd-paper``: the paper's recipe — learned detox mask (τ = 0.05) + feature distillation
+  + cross-entropy, with 10 % salt-and-pepper noise on the student's input.
+- ``nad``: attention distillation from the teacher fine-tuned on the trusted clean set.
+- ``fine-tuning`` / ``fine-pruning``: defences of the teacher itself, on the trusted set (the
+  result is a repaired teacher, not a compressed student).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustkd.data import ImageDataset, normalize
+from robustkd.detox import Detoxifier, fit_learned, fit_screen, fit_threshold
+from robustkd.engine import ProgressFn, TrainConfig, seed_everything, train_model
+from robustkd.errors import ConfigError
+from robustkd.features import capture, resolve_layers
+from robustkd.losses import FeatureDistiller, logit_kd_loss, nad_loss, salt_and_pepper
+from robustkd.metrics import evaluate
+from robustkd.models import create_model
+from robustkd.models.complexity import count_flops, count_parameters
+from robustkd.registry import Registry
+from robustkd.scenarios import Scenario
+
+METHODS: Registry[str] = Registry("method")
+for _name, _about in [
+    ("scratch", "student, cross-entropy only"),
+    ("logit-kd", "student, Hinton KD + CE"),
+    ("feature-kd", "student, plain KD: feature + logit KD + CE, no defence"),
+    ("robustkd", "student, KD from the threshold-detoxified teacher + sample screening"),
+    ("robustkd-paper", "student, learned detox mask + feature KD + salt-and-pepper noise"),
+    ("nad", "student, attention distillation from the fine-tuned teacher"),
+    ("fine-tuning", "teacher fine-tuned on the trusted set"),
+    ("fine-pruning", "teacher pruned (last stage) and fine-tuned on the trusted set"),
+]:
+    METHODS.register(_name)(_about)
+SCREEN_POLICIES = ("ce-only", "drop")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Everything a distillation method needs beyond the scenario's data."""
+
+    student: str | None = None  # default: the teacher's recorded student architecture
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.05
+    schedule: str = "cosine"
+    augment: str = "crop"
+    seed: int = 0
+    device: str = "auto"
+    layers: str = "all"  # teacher stages used for detox, screening and feature KD
+    threshold: float | None = None  # None: the clean-halves threshold per layer
+    granularity: str = "unit"
+    blend: float = 1.0
+    screen: bool = True
+    screen_policy: str = "ce-only"
+    screen_quantile: float = 0.99
+    tau: float = 0.05
+    learned_epochs: int = 5
+    temperature: float = 4.0
+    logit_weight: float = 1.0
+    feature_weight: float = 1.0
+    variance_weight: float = 0.0
+    noise_rate: float = 0.0  # salt-and-pepper on the student's input (robustkd-paper: 0.1)
+    nad_weight: float = 5000.0
+    finetune_epochs: int = 10
+    finetune_lr: float = 0.01
+    prune_max_acc_drop: float = 0.05
+    eval_size: int = 1000  # test images evaluated after each epoch (curves); final: all
+
+    def validate(self) -> DistillConfig:
+        self.train_config().validate()
+        if self.threshold is not None and not 0 < self.threshold < 1e6:
+            raise ConfigError(
+                f"The variance threshold must be a positive ratio (e.g. 3.0); got {self.threshold}."
+            )
+        if not 0 < self.tau <= 1:
+            raise ConfigError(f"τ must lie in (0, 1]; got {self.tau}.")
+        if not 0 <= self.noise_rate <= 1:
+            raise ConfigError(f"The noise rate must lie in [0, 1]; got {self.noise_rate}.")
+        if not 0 <= self.blend <= 1:
+            raise ConfigError(f"The blend weight must lie in [0, 1]; got {self.blend}.")
+        if self.screen_policy not in SCREEN_POLICIES:
+            raise ConfigError(
+                f"Unknown screening policy {self.screen_policy!r}; choose one of: "
+                f"{', '.join(SCREEN_POLICIES)}."
+            )
+        for key in ("logit_weight", "feature_weight", "variance_weight", "nad_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be ≥ 0; got {getattr(self, key)}.")
+        return self
+
+    def train_config(self, **changes: Any) -> TrainConfig:
+        values = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                  "schedule": self.schedule, "augment": self.augment, "seed": self.seed,
+                  "device": self.device}  # fmt: skip
+        values.update(changes)
+        return TrainConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"Unknown distillation option(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(known))}."
+            )
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class MethodResult:
+    method: str
+    model: nn.Module
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    detoxifier: Detoxifier | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _student_for(teacher: nn.Module, scenario: Scenario, config: DistillConfig,
+                 teacher_meta: dict[str, Any]) -> nn.Module:  # fmt: skip
+    name = config.student or teacher_meta.get("student_architecture")
+    if not name:
+        raise ConfigError("Name a student architecture (--student); the teacher records none.")
+    data = scenario.distill
+    seed_everything(config.seed)
+    student = create_model(name, num_classes=data.num_classes, in_channels=data.in_channels,
+                           image_size=data.image_size)  # fmt: skip
+    try:
+        with torch.no_grad():
+            student.eval()(torch.zeros(1, *data.input_shape))
+    except Exception as exc:
+        raise ConfigError(
+            f"Student {name!r} cannot take the teacher's input shape {data.input_shape} ({exc}); "
+            "choose another student architecture."
+        ) from exc
+    return student
+
+
+def _stage_channels(model: nn.Module, layers: list[str], shape: tuple[int, ...]) -> list[int]:
+    with torch.no_grad(), capture(model, layers) as out:
+        was = model.training
+        model.eval()(torch.zeros(2, *shape))
+        model.train(was)
+    return [int(out[n].shape[1]) for n in layers]
+
+
+class _Harness(nn.Module):
+    """The student plus the trainable parts of its losses (connectors), optimised together."""
+
+    def __init__(self, student: nn.Module, extra: nn.Module | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.extra = extra if extra is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+
+def _evaluator(scenario: Scenario, size: int) -> Callable[[nn.Module], dict[str, Any]]:
+    subset = scenario.test.subset(range(min(size, len(scenario.test))))
+
+    def run(model: nn.Module) -> dict[str, Any]:
+        ev = evaluate(model, subset, scenario.trigger, scenario.target, scenario.mode)
+        return {"test_acc": ev.acc, "test_asr": ev.asr}
+
+    return run
+
+
+def _final_metrics(model: nn.Module, scenario: Scenario, method: str,
+                   config: DistillConfig) -> dict[str, Any]:  # fmt: skip
+    model = model.cpu().eval()
+    ev = evaluate(model, scenario.test, scenario.trigger, scenario.target, scenario.mode)
+    return {
+        "method": method, "acc": ev.acc, "asr": ev.asr,
+        "n_clean": ev.n_clean, "n_triggered": ev.n_triggered,
+        "per_class_acc": ev.per_class_acc,
+        "params": count_parameters(model),
+        "flops": count_flops(model, scenario.test.input_shape),
+        "scenario": scenario.name, "seed": config.seed,
+        "trusted_size": scenario.info["trusted_size"], "rate": scenario.info["rate"],
+        "distill_size": scenario.info["distill_size"],
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def distill_student(
+    teacher: nn.Module,
+    student: nn.Module,
+    scenario: Scenario,
+    config: DistillConfig,
+    *,
+    detoxifier: Detoxifier | None = None,
+    withheld: torch.Tensor | None = None,
+    logit_weight: float = 0.0,
+    feature_weight: float = 0.0,
+    nad_weight: float = 0.0,
+    noise_rate: float = 0.0,
+    progress: ProgressFn | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``student`` on the scenario's distillation set against ``teacher``.
+
+    ``withheld`` (bool per distillation sample) marks samples that get no teacher signal
+    (cross-entropy only); ``detoxifier`` is attached to the teacher while it is read.
+    """
+    from robustkd.device import resolve_device
+
+    device = resolve_device(config.device)
+    teacher.to(device)
+    if detoxifier is not None:
+        detoxifier.to(device)
+    data = scenario.distill
+    use_teacher = logit_weight > 0 or feature_weight > 0 or nad_weight > 0
+    t_layers = resolve_layers(teacher, config.layers) if feature_weight or nad_weight else []
+    s_layers = list(getattr(student, "feature_layers", []))
+    if t_layers and len(s_layers) < len(t_layers):
+        raise ConfigError(
+            f"The student names {len(s_layers)} stages but {len(t_layers)} teacher layers are "
+            "distilled; choose fewer layers or another student."
+        )
+    s_layers = s_layers[-len(t_layers) :] if t_layers else []
+    distiller = None
+    if feature_weight > 0:
+        t_ch = _stage_channels(teacher, t_layers, data.input_shape)
+        s_ch = _stage_channels(student, s_layers, data.input_shape)
+        distiller = FeatureDistiller(s_ch, t_ch)
+    harness = _Harness(student, distiller)
+    withheld = withheld.to(device) if withheld is not None else None
+    low = normalize(torch.zeros(1, data.in_channels, 1, 1), data.mean, data.std).flatten()
+    high = normalize(torch.ones(1, data.in_channels, 1, 1), data.mean, data.std).flatten()
+    noise_gen = torch.Generator().manual_seed(config.seed + 7)
+    teacher.eval()
+
+    def loss_fn(h: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        xs = salt_and_pepper(x, noise_rate, low.to(x.device), high.to(x.device), noise_gen) \
+            if noise_rate > 0 else x  # fmt: skip
+        logits = h(xs)
+        loss = F.cross_entropy(logits, y)
+        if not use_teacher:
+            return loss
+        keep = torch.ones_like(y, dtype=torch.bool) if withheld is None else ~withheld[idx]
+        if withheld is not None and config.screen_policy == "drop":
+            loss = F.cross_entropy(logits[keep], y[keep]) if keep.any() else loss * 0
+        if not keep.any():
+            return loss
+        with torch.no_grad():
+            t_logits = teacher(x[keep])
+            t_feats = [t_out[n].detach() for n in t_layers]
+        s_feats = [s_out[n][keep] for n in s_layers]
+        if logit_weight > 0:
+            loss = loss + logit_weight * logit_kd_loss(logits[keep], t_logits, config.temperature)
+        if distiller is not None:
+            loss = loss + feature_weight * distiller(s_feats, t_feats)
+            if config.variance_weight > 0:
+                from robustkd.losses import variance_alignment_loss
+
+                pairs = zip(distiller.connected(s_feats, t_feats), t_feats, strict=True)
+                loss = loss + config.variance_weight * sum(
+                    variance_alignment_loss(s, t) for s, t in pairs
+                )
+        if nad_weight > 0:
+            loss = loss + nad_weight * sum(
+                nad_loss(s, t) for s, t in zip(s_feats, t_feats, strict=True)
+            )
+        return loss
+
+    detox_ctx = detoxifier.attach(teacher) if detoxifier is not None else contextlib.nullcontext()
+    with detox_ctx, capture(teacher, t_layers) as t_out, capture(student, s_layers) as s_out:
+        result = train_model(
+            harness, data, config.train_config(), loss_fn=loss_fn,
+            evaluate=_evaluator(scenario, config.eval_size), progress=progress,
+        )  # fmt: skip
+    return result.history
+
+
+def fine_tune(
+    model: nn.Module, data: ImageDataset, config: DistillConfig,
+    scenario: Scenario, progress: ProgressFn | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Fine-tune ``model`` in place on the defender's trusted clean set."""
+    cfg = config.train_config(epochs=config.finetune_epochs, lr=config.finetune_lr,
+                              batch_size=min(config.batch_size, 64))  # fmt: skip
+    return train_model(model, data, cfg, evaluate=_evaluator(scenario, config.eval_size),
+                       progress=progress).history  # fmt: skip
+
+
+@torch.no_grad()
+def _prune_order(model: nn.Module, layer: str, data: ImageDataset) -> torch.Tensor:
+    """Channels of ``layer`` sorted by mean activation on clean data, least active first."""
+    from robustkd.features import feature_stats
+
+    stats = feature_stats(model, data, [layer], per_unit=False)[layer]
+    return stats.channel_mean.argsort()
+
+
+class ChannelMask(nn.Module):
+    """Zeroes pruned output channels of a layer (attached by a forward hook)."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("keep", keep.float())
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        return out * self.keep.view(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
+
+
+def fine_prune(
+    teacher: nn.Module,
+    scenario: Scenario,
+    config: DistillConfig,
+    progress: ProgressFn | None = None,
+) -> tuple[nn.Module, list[dict[str, Any]], int]:
+    """Fine-pruning (Liu et al. 2018): prune the last stage's least active channels while the
+    clean validation ACC drops by at most ``prune_max_acc_drop``, then fine-tune.
+
+    Validation ACC for each pruning level comes from the stage's cached activations and the
+    network's tail (one forward pass in all), not from a full evaluation per level.
+    """
+    from robustkd.features import activations, tail_from
+
+    model = copy.deepcopy(teacher).cpu().eval()
+    layer = resolve_layers(model, "all")[-1]
+    order = _prune_order(model, layer, scenario.trusted)
+    channels = order.numel()
+    val = scenario.validation.subset(range(min(2000, len(scenario.validation))))
+    tail = tail_from(model, layer)
+    mask = ChannelMask(torch.ones(channels))
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda _m, _i, out: mask(out))
+    if tail is not None:
+        acts = activations(model, val, layer)  # hook is a no-op while nothing is pruned
+
+        def val_acc() -> float:
+            with torch.no_grad():
+                return float((tail(mask(acts)).argmax(1) == val.labels).float().mean())
+    else:
+
+        def val_acc() -> float:
+            return evaluate(model, val).acc
+
+    base = val_acc()
+    pruned = 0
+    for k in range(1, channels):
+        keep = torch.ones(channels)
+        keep[order[:k]] = 0
+        mask.keep.copy_(keep)
+        if base - val_acc() > config.prune_max_acc_drop:
+            break
+        pruned = k
+    keep = torch.ones(channels)
+    keep[order[:pruned]] = 0
+    mask.keep.copy_(keep)
+    history = fine_tune(model, scenario.trusted, config, scenario, progress)
+    # Fold the mask into the classifier so the saved weights are the pruned model: with a
+    # global-pooling + linear head, a zero input column is exactly a removed channel.
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == channels]
+    if heads:
+        with torch.no_grad():
+            heads[-1].weight[:, order[:pruned]] = 0
+        handle.remove()
+    else:
+        model.prune_hook = handle  # no foldable head: keep the hook alive with the model
+    return model, history, pruned
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_method(
+    method: str,
+    teacher: nn.Module,
+    teacher_meta: dict[str, Any],
+    scenario: Scenario,
+    config: DistillConfig,
+    progress: ProgressFn | None = None,
+    shared: dict[str, Any] | None = None,
+) -> MethodResult:
+    """Run one method on ``scenario`` and measure the result on its test set.
+
+    ``shared`` caches what several methods reuse (the threshold fit) within one comparison.
+    """
+    METHODS.get(method)
+    config.validate()
+    shared = {} if shared is None else shared
+    teacher = teacher.eval()
+    started = time.perf_counter()
+    extra: dict[str, Any] = {}
+    detox = None
+    if method in ("fine-tuning", "fine-pruning"):
+        if method == "fine-tuning":
+            model = copy.deepcopy(teacher)
+            history = fine_tune(model, scenario.trusted, config, scenario, progress)
+        else:
+            model, history, pruned = fine_prune(teacher, scenario, config, progress)
+            extra["pruned_channels"] = pruned
+    else:
+        student = _student_for(teacher, scenario, config, teacher_meta)
+        model = student
+        kw: dict[str, Any] = {}
+        if method == "logit-kd":
+            kw = {"logit_weight": config.logit_weight}
+        elif method == "feature-kd":
+            kw = {"logit_weight": config.logit_weight, "feature_weight": config.feature_weight}
+        elif method == "robustkd":
+            if "fit" not in shared:
+                shared["fit"] = fit_threshold(
+                    teacher, scenario.trusted, scenario.distill, config.layers,
+                    config.granularity, config.seed,
+                )  # fmt: skip
+            fit = shared["fit"]
+            detox = fit.detoxifier(config.threshold, config.blend)
+            withheld = None
+            if config.screen:
+                screen = fit_screen(teacher, fit, config.threshold, config.screen_quantile)
+                withheld = screen.flags(teacher, scenario.distill)
+                extra.update(_screen_report(withheld, scenario.poisoned_mask, screen.threshold))
+            extra["flagged_units"] = fit.flagged_units(config.threshold)
+            extra["thresholds"] = fit.thresholds(config.threshold)
+            kw = {"logit_weight": config.logit_weight, "feature_weight": config.feature_weight,
+                  "detoxifier": detox, "withheld": withheld,
+                  "noise_rate": config.noise_rate}  # fmt: skip
+        elif method == "robustkd-paper":
+            detox = fit_learned(teacher, scenario.trusted, config.layers, config.tau,
+                                epochs=config.learned_epochs, seed=config.seed)  # fmt: skip
+            kw = {"feature_weight": config.feature_weight, "detoxifier": detox,
+                  "noise_rate": config.noise_rate or 0.1}  # fmt: skip
+        elif method == "nad":
+            if "nad_teacher" not in shared:
+                tuned = copy.deepcopy(teacher)
+                fine_tune(tuned, scenario.trusted, config, scenario)
+                shared["nad_teacher"] = tuned.eval()
+            teacher = shared["nad_teacher"]
+            kw = {"nad_weight": config.nad_weight}
+        history = distill_student(teacher, student, scenario, config, progress=progress, **kw)
+    metrics = _final_metrics(model, scenario, method, config)
+    metrics.update(extra)
+    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    return MethodResult(method, model, metrics, history, detox)
+
+
+def _screen_report(flags: torch.Tensor, truth: torch.Tensor, threshold: float) -> dict[str, Any]:
+    flags, truth = flags.cpu().bool(), truth.cpu().bool()
+    hit = int((flags & truth).sum())
+    return {
+        "flagged_samples": int(flags.sum()),
+        "screen_threshold": threshold,
+        # ground truth is known to the experiment, never to the defence: reported, not used
+        "screen_recall": hit / int(truth.sum()) if truth.any() else None,
+        "screen_precision": hit / int(flags.sum()) if flags.any() else None,
+    }
