@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from app.state import current_teacher, teacher_path, test_set_for
+from app.state import current_teacher, show_error, teacher_path, test_set_for
 from robustkd.errors import RobustKDError
 from robustkd.metrics import evaluate, predict
 from robustkd.modelcard import model_card
@@ -18,7 +18,7 @@ try:
     card = model_card(teacher_path(), model, meta)
     data = test_set_for(meta)
 except RobustKDError as exc:
-    st.error(str(exc))
+    show_error(exc)
     st.stop()
 
 trigger = trigger_from_dict(card.trigger) if card.trigger else None

@@ -181,6 +181,7 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
     p.add_argument("--data-root", help="folder holding the data")
     p.add_argument("--out", help="run folder to create (default: a new one under ./runs)")
+    p.add_argument("--run", help=argparse.SUPPRESS)  # a run folder created by the app's launcher
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -404,8 +405,19 @@ def _distill(args: argparse.Namespace) -> int:
 
     plan = preset(args.preset)["distill"] if args.preset else preset("fashion-badnets")["distill"]
     values = dict(plan.get("config", {}))
-    for key in ("student", "epochs", "batch_size", "lr", "layers", "threshold", "granularity",
-                "tau", "noise_rate", "seed", "device"):  # fmt: skip
+    for key in (
+        "student",
+        "epochs",
+        "batch_size",
+        "lr",
+        "layers",
+        "threshold",
+        "granularity",
+        "tau",
+        "noise_rate",
+        "seed",
+        "device",
+    ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.no_screen:
@@ -424,14 +436,26 @@ def _distill(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
     scenario = build_scenario(
-        plan["scenario"], meta, rate=plan["rate"], trusted_size=plan["trusted_size"],
-        distill_size=plan["distill_size"], test_size=plan.get("test_size"), seed=config.seed,
+        plan["scenario"],
+        meta,
+        rate=plan["rate"],
+        trusted_size=plan["trusted_size"],
+        distill_size=plan["distill_size"],
+        test_size=plan.get("test_size"),
+        seed=config.seed,
         data_root=args.data_root,
-    )  # fmt: skip
+    )
     command = "robustkd " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("robustkd") else ""
-    full_config = {"verb": args.verb, "teacher": str(teacher_path), "methods": methods,
-                   "plan": plan, "distill": config.to_dict()}  # fmt: skip
-    if args.out:
+    full_config = {
+        "verb": args.verb,
+        "teacher": str(teacher_path),
+        "methods": methods,
+        "plan": plan,
+        "distill": config.to_dict(),
+    }
+    if args.run:
+        run = Run.open(None, args.run)
+    elif args.out:
         out = Path(args.out)
         run = Run.create(out.parent, args.verb, full_config, run_id=out.name)
     else:
@@ -469,8 +493,16 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
-_METHOD_ORDER = ["scratch", "logit-kd", "feature-kd", "robustkd", "robustkd-paper", "nad",
-                 "fine-tuning", "fine-pruning"]  # fmt: skip
+_METHOD_ORDER = [
+    "scratch",
+    "logit-kd",
+    "feature-kd",
+    "robustkd",
+    "robustkd-paper",
+    "nad",
+    "fine-tuning",
+    "fine-pruning",
+]
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -479,9 +511,16 @@ def _runs(args: argparse.Namespace) -> int:
     rows = []
     for run in list_runs(args.root or default_runs_root()):
         status = refresh_state(run)
-        rows.append({"id": run.id, "state": status.get("state"), "kind": status.get("kind"),
-                     "phase": status.get("phase"), "message": status.get("message"),
-                     "path": str(run.path)})  # fmt: skip
+        rows.append(
+            {
+                "id": run.id,
+                "state": status.get("state"),
+                "kind": status.get("kind"),
+                "phase": status.get("phase"),
+                "message": status.get("message"),
+                "path": str(run.path),
+            }
+        )
     if args.json:
         print(json.dumps(rows))
     elif not rows:

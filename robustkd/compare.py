@@ -22,19 +22,36 @@ from robustkd.runs import Run, atomic_write_json, atomic_write_text
 from robustkd.scenarios import Scenario
 
 REFERENCE = "feature-kd"  # DER is measured against plain KD when it is in the comparison
-REPORT_COLUMNS = ["method", "acc", "asr", "der", "params", "flops", "scenario", "seed",
-                  "trusted_size", "rate", "flagged_samples", "train_seconds"]  # fmt: skip
+REPORT_COLUMNS = [
+    "method",
+    "acc",
+    "asr",
+    "der",
+    "params",
+    "flops",
+    "scenario",
+    "seed",
+    "trusted_size",
+    "rate",
+    "flagged_samples",
+    "train_seconds",
+]
 
 
 def teacher_row(teacher: nn.Module, scenario: Scenario) -> dict[str, Any]:
-    ev = evaluate(teacher.cpu().eval(), scenario.test, scenario.trigger, scenario.target,
-                  scenario.mode)  # fmt: skip
+    ev = evaluate(
+        teacher.cpu().eval(), scenario.test, scenario.trigger, scenario.target, scenario.mode
+    )
     return {
-        "method": "teacher", "acc": ev.acc, "asr": ev.asr, "n_clean": ev.n_clean,
-        "n_triggered": ev.n_triggered, "per_class_acc": ev.per_class_acc,
+        "method": "teacher",
+        "acc": ev.acc,
+        "asr": ev.asr,
+        "n_clean": ev.n_clean,
+        "n_triggered": ev.n_triggered,
+        "per_class_acc": ev.per_class_acc,
         "params": count_parameters(teacher),
         "flops": count_flops(teacher, scenario.test.input_shape),
-    }  # fmt: skip
+    }
 
 
 def compare(
@@ -68,17 +85,25 @@ def compare(
         result = run_method(method, teacher, teacher_meta, scenario, config, progress, shared)
         row = {**result.metrics, "history": result.history}
         ckpt = run.checkpoint_path(f"{method}.safetensors")
-        save_checkpoint(ckpt, result.model, {
-            "kind": "student" if result.model is not teacher else "teacher",
-            "architecture": config.student or teacher_meta.get("student_architecture")
-            if method not in ("fine-tuning", "fine-pruning") else teacher_meta["architecture"],
-            "model_args": teacher_meta["model_args"],
-            "dataset": teacher_meta.get("dataset"), "classes": teacher_meta.get("classes"),
-            "normalization": teacher_meta.get("normalization"),
-            "trigger": teacher_meta.get("trigger"), "target": teacher_meta.get("target"),
-            "method": method, "scenario": scenario.info,
-            "metrics": {k: row[k] for k in ("acc", "asr", "n_clean", "n_triggered")},
-        })  # fmt: skip
+        save_checkpoint(
+            ckpt,
+            result.model,
+            {
+                "kind": "student" if result.model is not teacher else "teacher",
+                "architecture": config.student or teacher_meta.get("student_architecture")
+                if method not in ("fine-tuning", "fine-pruning")
+                else teacher_meta["architecture"],
+                "model_args": teacher_meta["model_args"],
+                "dataset": teacher_meta.get("dataset"),
+                "classes": teacher_meta.get("classes"),
+                "normalization": teacher_meta.get("normalization"),
+                "trigger": teacher_meta.get("trigger"),
+                "target": teacher_meta.get("target"),
+                "method": method,
+                "scenario": scenario.info,
+                "metrics": {k: row[k] for k in ("acc", "asr", "n_clean", "n_triggered")},
+            },
+        )
         if result.detoxifier is not None:
             result.detoxifier.save(run.checkpoint_path(f"{method}-detox.safetensors"))
         row["checkpoint"] = str(ckpt)
@@ -113,8 +138,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     t = report["teacher"]
-    lines.append(f"| teacher | {_pct(t['acc'])} | {_pct(t['asr'])} | – | {t['params']:,} | "
-                 f"{t['flops']:,} | – | – |")  # fmt: skip
+    lines.append(
+        f"| teacher | {_pct(t['acc'])} | {_pct(t['asr'])} | – | {t['params']:,} | "
+        f"{t['flops']:,} | – | – |"
+    )
     for name, r in report["methods"].items():
         flagged = r.get("flagged_samples", "–")
         d = f"{r['der']:.3f}" if "der" in r else "–"
@@ -160,3 +187,29 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
     for name, fig in figs.items():
         html = fig.to_html(include_plotlyjs="plotly.min.js", full_html=True)
         atomic_write_text(fig_dir / f"{name}.html", html)
+
+
+def launch_compare(
+    methods: Sequence[str],
+    options: dict[str, Any],
+    root: str | Path | None = None,
+) -> Run:
+    """Start ``robustkd compare`` as a background worker in a new run folder; return the run.
+
+    ``options`` maps CLI option names (without dashes, ``_`` for ``-``) to values, e.g.
+    ``{"teacher": path, "scenario": "untrusted", "epochs": 2}``; the worker keeps running when
+    the caller (the app) goes away.
+    """
+    from robustkd.runs import launch_worker
+
+    for m in methods:
+        METHODS.get(m)
+    argv = ["compare", "--methods", ",".join(methods), "--quiet"]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    run = Run.create(root, "compare", {"methods": list(methods), "options": options, "argv": argv})
+    launch_worker([*argv, "--run", run.id], run)
+    return run

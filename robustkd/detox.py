@@ -205,10 +205,15 @@ class ThresholdFit:
         return {n: int(f.mask(threshold).sum()) for n, f in self.layers.items()}
 
     def detoxifier(self, threshold: float | None = None, blend: float = 1.0) -> Detoxifier:
-        mods = {n: ThresholdDetox(f.mask(threshold), f.clean_mean, blend)
-                for n, f in self.layers.items()}  # fmt: skip
-        info = {"thresholds": self.thresholds(threshold), "granularity": self.granularity,
-                "flagged_units": self.flagged_units(threshold)}  # fmt: skip
+        mods = {
+            n: ThresholdDetox(f.mask(threshold), f.clean_mean, blend)
+            for n, f in self.layers.items()
+        }
+        info = {
+            "thresholds": self.thresholds(threshold),
+            "granularity": self.granularity,
+            "flagged_units": self.flagged_units(threshold),
+        }
         return Detoxifier(mods, "threshold", info)
 
 
@@ -275,9 +280,12 @@ class SampleScreen:
 
     @torch.no_grad()
     def scores(
-        self, model: nn.Module, data: ImageDataset, trigger: Trigger | None = None,
+        self,
+        model: nn.Module,
+        data: ImageDataset,
+        trigger: Trigger | None = None,
         batch_size: int = 500,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Mean squared z-score of each sample over all flagged units (0 when none)."""
         if not self.active:
             return torch.zeros(len(data))
@@ -353,9 +361,10 @@ def fit_learned(
     names = resolve_layers(teacher, layers)
     stats = feature_stats(teacher, trusted, names)
     detox = Detoxifier(
-        {n: LearnedDetox(stats[n].unit_mean, tau) for n in names}, "learned",
+        {n: LearnedDetox(stats[n].unit_mean, tau) for n in names},
+        "learned",
         {"tau": tau, "variance_weight": variance_weight, "epochs": epochs},
-    )  # fmt: skip
+    )
     device = next(teacher.parameters()).device
     detox.to(device)
     ref_var = {n: stats[n].unit_var.mean().clamp_min(1e-8).to(device) for n in names}
@@ -450,9 +459,14 @@ class DetoxPreview:
 
             d = Detoxifier({self.layer: detox}, "threshold")
             with d.attach(self.teacher):
-                ev = evaluate(self.teacher, self._data, self._trigger,
-                              int(self.trigger_targets[0]) if self.trigger_targets is not None
-                              and len(self.trigger_targets) else None)  # fmt: skip
+                ev = evaluate(
+                    self.teacher,
+                    self._data,
+                    self._trigger,
+                    int(self.trigger_targets[0])
+                    if self.trigger_targets is not None and len(self.trigger_targets)
+                    else None,
+                )
             return Preview(ev.acc, ev.asr, detox.flagged, ev.n_clean, ev.n_triggered)
         acc = float((self._predict(self.clean, detox) == self.labels).float().mean())
         asr = None

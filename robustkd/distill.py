@@ -111,9 +111,15 @@ class DistillConfig:
         return self
 
     def train_config(self, **changes: Any) -> TrainConfig:
-        values = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-                  "schedule": self.schedule, "augment": self.augment, "seed": self.seed,
-                  "device": self.device}  # fmt: skip
+        values = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "schedule": self.schedule,
+            "augment": self.augment,
+            "seed": self.seed,
+            "device": self.device,
+        }
         values.update(changes)
         return TrainConfig(**values)
 
@@ -144,15 +150,17 @@ class MethodResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _student_for(teacher: nn.Module, scenario: Scenario, config: DistillConfig,
-                 teacher_meta: dict[str, Any]) -> nn.Module:  # fmt: skip
+def _student_for(
+    teacher: nn.Module, scenario: Scenario, config: DistillConfig, teacher_meta: dict[str, Any]
+) -> nn.Module:
     name = config.student or teacher_meta.get("student_architecture")
     if not name:
         raise ConfigError("Name a student architecture (--student); the teacher records none.")
     data = scenario.distill
     seed_everything(config.seed)
-    student = create_model(name, num_classes=data.num_classes, in_channels=data.in_channels,
-                           image_size=data.image_size)  # fmt: skip
+    student = create_model(
+        name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size
+    )
     try:
         with torch.no_grad():
             student.eval()(torch.zeros(1, *data.input_shape))
@@ -194,20 +202,26 @@ def _evaluator(scenario: Scenario, size: int) -> Callable[[nn.Module], dict[str,
     return run
 
 
-def _final_metrics(model: nn.Module, scenario: Scenario, method: str,
-                   config: DistillConfig) -> dict[str, Any]:  # fmt: skip
+def _final_metrics(
+    model: nn.Module, scenario: Scenario, method: str, config: DistillConfig
+) -> dict[str, Any]:
     model = model.cpu().eval()
     ev = evaluate(model, scenario.test, scenario.trigger, scenario.target, scenario.mode)
     return {
-        "method": method, "acc": ev.acc, "asr": ev.asr,
-        "n_clean": ev.n_clean, "n_triggered": ev.n_triggered,
+        "method": method,
+        "acc": ev.acc,
+        "asr": ev.asr,
+        "n_clean": ev.n_clean,
+        "n_triggered": ev.n_triggered,
         "per_class_acc": ev.per_class_acc,
         "params": count_parameters(model),
         "flops": count_flops(model, scenario.test.input_shape),
-        "scenario": scenario.name, "seed": config.seed,
-        "trusted_size": scenario.info["trusted_size"], "rate": scenario.info["rate"],
+        "scenario": scenario.name,
+        "seed": config.seed,
+        "trusted_size": scenario.info["trusted_size"],
+        "rate": scenario.info["rate"],
         "distill_size": scenario.info["distill_size"],
-    }  # fmt: skip
+    }
 
 
 # --------------------------------------------------------------------------- distillation
@@ -261,8 +275,11 @@ def distill_student(
     teacher.eval()
 
     def loss_fn(h: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        xs = salt_and_pepper(x, noise_rate, low.to(x.device), high.to(x.device), noise_gen) \
-            if noise_rate > 0 else x  # fmt: skip
+        xs = (
+            salt_and_pepper(x, noise_rate, low.to(x.device), high.to(x.device), noise_gen)
+            if noise_rate > 0
+            else x
+        )
         logits = h(xs)
         loss = F.cross_entropy(logits, y)
         if not use_teacher:
@@ -296,21 +313,30 @@ def distill_student(
     detox_ctx = detoxifier.attach(teacher) if detoxifier is not None else contextlib.nullcontext()
     with detox_ctx, capture(teacher, t_layers) as t_out, capture(student, s_layers) as s_out:
         result = train_model(
-            harness, data, config.train_config(), loss_fn=loss_fn,
-            evaluate=_evaluator(scenario, config.eval_size), progress=progress,
-        )  # fmt: skip
+            harness,
+            data,
+            config.train_config(),
+            loss_fn=loss_fn,
+            evaluate=_evaluator(scenario, config.eval_size),
+            progress=progress,
+        )
     return result.history
 
 
 def fine_tune(
-    model: nn.Module, data: ImageDataset, config: DistillConfig,
-    scenario: Scenario, progress: ProgressFn | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
+    model: nn.Module,
+    data: ImageDataset,
+    config: DistillConfig,
+    scenario: Scenario,
+    progress: ProgressFn | None = None,
+) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place on the defender's trusted clean set."""
-    cfg = config.train_config(epochs=config.finetune_epochs, lr=config.finetune_lr,
-                              batch_size=min(config.batch_size, 64))  # fmt: skip
-    return train_model(model, data, cfg, evaluate=_evaluator(scenario, config.eval_size),
-                       progress=progress).history  # fmt: skip
+    cfg = config.train_config(
+        epochs=config.finetune_epochs, lr=config.finetune_lr, batch_size=min(config.batch_size, 64)
+    )
+    return train_model(
+        model, data, cfg, evaluate=_evaluator(scenario, config.eval_size), progress=progress
+    ).history
 
 
 @torch.no_grad()
@@ -433,9 +459,13 @@ def run_method(
         elif method == "robustkd":
             if "fit" not in shared:
                 shared["fit"] = fit_threshold(
-                    teacher, scenario.trusted, scenario.distill, config.layers,
-                    config.granularity, config.seed,
-                )  # fmt: skip
+                    teacher,
+                    scenario.trusted,
+                    scenario.distill,
+                    config.layers,
+                    config.granularity,
+                    config.seed,
+                )
             fit = shared["fit"]
             detox = fit.detoxifier(config.threshold, config.blend)
             withheld = None
@@ -445,14 +475,27 @@ def run_method(
                 extra.update(_screen_report(withheld, scenario.poisoned_mask, screen.threshold))
             extra["flagged_units"] = fit.flagged_units(config.threshold)
             extra["thresholds"] = fit.thresholds(config.threshold)
-            kw = {"logit_weight": config.logit_weight, "feature_weight": config.feature_weight,
-                  "detoxifier": detox, "withheld": withheld,
-                  "noise_rate": config.noise_rate}  # fmt: skip
+            kw = {
+                "logit_weight": config.logit_weight,
+                "feature_weight": config.feature_weight,
+                "detoxifier": detox,
+                "withheld": withheld,
+                "noise_rate": config.noise_rate,
+            }
         elif method == "robustkd-paper":
-            detox = fit_learned(teacher, scenario.trusted, config.layers, config.tau,
-                                epochs=config.learned_epochs, seed=config.seed)  # fmt: skip
-            kw = {"feature_weight": config.feature_weight, "detoxifier": detox,
-                  "noise_rate": config.noise_rate or 0.1}  # fmt: skip
+            detox = fit_learned(
+                teacher,
+                scenario.trusted,
+                config.layers,
+                config.tau,
+                epochs=config.learned_epochs,
+                seed=config.seed,
+            )
+            kw = {
+                "feature_weight": config.feature_weight,
+                "detoxifier": detox,
+                "noise_rate": config.noise_rate or 0.1,
+            }
         elif method == "nad":
             if "nad_teacher" not in shared:
                 tuned = copy.deepcopy(teacher)

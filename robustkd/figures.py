@@ -12,11 +12,16 @@ def acc_asr_bars(report: dict[str, Any]) -> go.Figure:
     names = ["teacher", *report["methods"]]
     rows = [report["teacher"], *report["methods"].values()]
     fig = go.Figure()
-    fig.add_bar(name="ACC", x=names, y=[100 * r["acc"] for r in rows],
-                text=[f"{100 * r['acc']:.1f}" for r in rows])  # fmt: skip
+    fig.add_bar(
+        name="ACC",
+        x=names,
+        y=[100 * r["acc"] for r in rows],
+        text=[f"{100 * r['acc']:.1f}" for r in rows],
+    )
     asr = [100 * r["asr"] if r.get("asr") is not None else None for r in rows]
-    fig.add_bar(name="ASR", x=names, y=asr,
-                text=[f"{a:.1f}" if a is not None else "n/a" for a in asr])  # fmt: skip
+    fig.add_bar(
+        name="ASR", x=names, y=asr, text=[f"{a:.1f}" if a is not None else "n/a" for a in asr]
+    )
     info = report["scenario"]
     fig.update_layout(
         barmode="group",
@@ -36,8 +41,12 @@ def training_curves(report: dict[str, Any], key: str = "test_asr") -> go.Figure:
         hist = [h for h in result.get("history", []) if h.get(key) is not None]
         if hist:
             scale = 100 if key != "loss" else 1
-            fig.add_scatter(x=[h["epoch"] for h in hist], y=[scale * h[key] for h in hist],
-                            mode="lines+markers", name=name)  # fmt: skip
+            fig.add_scatter(
+                x=[h["epoch"] for h in hist],
+                y=[scale * h[key] for h in hist],
+                mode="lines+markers",
+                name=name,
+            )
     label = {"test_acc": "ACC (%)", "test_asr": "ASR (%)", "loss": "loss"}.get(key, key)
     fig.update_layout(xaxis_title="epoch", yaxis_title=label, title=f"{label} during training")
     return fig

@@ -55,11 +55,13 @@ PRESETS.register("fashion-wanet")(
 # For teaching without a GPU: `compare` on the shipped teacher with 8,000 distillation images,
 # 3 epochs and 2,000 test images (minutes on 2 CPU cores); as a teacher preset, 2 epochs on
 # 10,000 images.
-_quick = _fashion({"name": "badnets", "size": 3, "position": "bottom-right", "value": 1.0},
-                  epochs=2)  # fmt: skip
+_quick = _fashion(
+    {"name": "badnets", "size": 3, "position": "bottom-right", "value": 1.0}, epochs=2
+)
 _quick["train_size"] = 10000
-_quick["distill"].update(distill_size=8000, test_size=2000,
-                         config={"epochs": 3, "batch_size": 128, "lr": 0.05})  # fmt: skip
+_quick["distill"].update(
+    distill_size=8000, test_size=2000, config={"epochs": 3, "batch_size": 128, "lr": 0.05}
+)
 PRESETS.register("fashion-badnets-quick")(_quick)
 
 

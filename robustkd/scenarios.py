@@ -108,8 +108,9 @@ def build_scenario(
         poisoned = torch.zeros(len(distill), dtype=torch.bool)
         if name == "untrusted" and rate > 0:
             assert trigger is not None and target is not None
-            result = poison_dataset(distill, trigger, rate, target, mode=mode, keep_labels=True,
-                                    seed=seed)  # fmt: skip
+            result = poison_dataset(
+                distill, trigger, rate, target, mode=mode, keep_labels=True, seed=seed
+            )
             distill, poisoned = result.dataset, result.poisoned_mask
     info = {
         "scenario": name,
@@ -142,7 +143,12 @@ def _teacher_training_set(
         g = torch.Generator().manual_seed(seed)
         train = train.subset(torch.randperm(len(train), generator=g)[:size])
     result = poison_dataset(
-        train, trigger, float(attack["rate"]), int(attack["target"]), mode=attack["mode"],
-        clean_label=bool(attack.get("clean_label", False)), seed=seed,
-    )  # fmt: skip
+        train,
+        trigger,
+        float(attack["rate"]),
+        int(attack["target"]),
+        mode=attack["mode"],
+        clean_label=bool(attack.get("clean_label", False)),
+        seed=seed,
+    )
     return result.dataset, result.poisoned_mask

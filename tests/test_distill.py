@@ -1,0 +1,263 @@
+"""Scenarios, distillation methods, comparison reports and their CLI verbs on a tiny teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustkd.checkpoints import load_checkpoint, save_checkpoint
+from robustkd.cli import main
+from robustkd.compare import compare
+from robustkd.distill import METHODS, DistillConfig, run_method
+from robustkd.errors import ConfigError, UnknownNameError
+from robustkd.models import create_model
+from robustkd.runs import Run
+from robustkd.scenarios import build_scenario
+
+TINY = {"distill_size": 300, "trusted_size": 100, "test_size": 200}
+
+
+def _config(**kw: object) -> DistillConfig:
+    base = {
+        "epochs": 1,
+        "batch_size": 64,
+        "device": "cpu",
+        "eval_size": 100,
+        "finetune_epochs": 1,
+        "learned_epochs": 1,
+    }
+    return DistillConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher: Path):
+    return load_checkpoint(tiny_teacher)
+
+
+@pytest.fixture(scope="module")
+def scenario(teacher):
+    return build_scenario("untrusted", teacher[1], rate=0.2, **TINY)
+
+
+def test_untrusted_scenario_sizes(scenario) -> None:
+    assert len(scenario.distill) == 300 and len(scenario.trusted) == 100
+    assert len(scenario.test) == 200 and int(scenario.poisoned_mask.sum()) == 60
+    assert scenario.info["n_poisoned"] == 60 and scenario.trigger.name == "badnets"
+    # the trusted images are not among the distillation images
+    d = {bytes(x.numpy()) for x in scenario.distill.images}
+    assert not any(bytes(x.numpy()) in d for x in scenario.trusted.images)
+
+
+def test_clean_scenario_has_no_trigger_in_the_data(teacher) -> None:
+    sc = build_scenario("clean", teacher[1], **TINY)
+    assert int(sc.poisoned_mask.sum()) == 0 and sc.trigger is not None  # ASR still measured
+
+
+def test_teacher_train_rebuilds_the_poisoned_training_set(teacher) -> None:
+    sc = build_scenario("teacher-train", teacher[1], trusted_size=100, distill_size=None)
+    assert len(sc.distill) == 2000 and int(sc.poisoned_mask.sum()) == 200
+    assert torch.all(sc.distill.labels[sc.poisoned_mask] == 0)  # all-to-one relabelled
+    assert len(sc.trusted) == 100 and len(sc.validation) == 4900
+
+
+def test_scenario_mistakes(teacher, tmp_path: Path) -> None:
+    _, meta = teacher
+    with pytest.raises(ConfigError, match="at least 4"):
+        build_scenario("untrusted", meta, trusted_size=0, distill_size=100)
+    with pytest.raises(ConfigError, match="Unknown scenario"):
+        build_scenario("dirty", meta)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        build_scenario("untrusted", meta, rate=2.0)
+    clean_meta = {**meta, "trigger": None, "target": None}
+    with pytest.raises(ConfigError, match="needs a trigger"):
+        build_scenario("untrusted", clean_meta, **TINY)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_runs_and_is_measured(method: str, teacher, scenario) -> None:
+    model, meta = teacher
+    result = run_method(method, model, meta, scenario, _config())
+    m = result.metrics
+    assert m["method"] == method and 0 <= m["acc"] <= 1 and 0 <= m["asr"] <= 1
+    assert m["n_clean"] == 200 and m["scenario"] == "untrusted" and m["seed"] == 0
+    assert len(result.history) >= 1 and "test_acc" in result.history[-1]
+    student_params = sum(p.numel() for p in create_model("small-cnn-student").parameters())
+    assert m["params"] == student_params  # the tiny teacher shares the student's architecture
+    if method == "robustkd":
+        assert sum(m["flagged_units"].values()) > 0 and m["flagged_samples"] > 0
+        assert 0 <= m["screen_recall"] <= 1 and result.detoxifier is not None
+    if method == "fine-pruning":
+        assert 0 < m["pruned_channels"] < 64
+
+
+def test_screening_policy_drop_and_no_screen(teacher, scenario) -> None:
+    model, meta = teacher
+    dropped = run_method("robustkd", model, meta, scenario, _config(screen_policy="drop"))
+    assert dropped.metrics["flagged_samples"] > 0
+    unscreened = run_method("robustkd", model, meta, scenario, _config(screen=False))
+    assert "flagged_samples" not in unscreened.metrics
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"threshold": -1.0}, "threshold"),
+        ({"tau": 0.0}, "τ"),
+        ({"tau": 1.5}, "τ"),
+        ({"noise_rate": 2.0}, "noise rate"),
+        ({"screen_policy": "ignore"}, "screening policy"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
+def test_config_mistakes(kw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        _config(**kw).validate()
+
+
+def test_unknown_layer_lists_the_valid_ones(teacher, scenario) -> None:
+    model, meta = teacher
+    with pytest.raises(UnknownNameError, match="block1, block2, block3"):
+        run_method("robustkd", model, meta, scenario, _config(layers="block9"))
+
+
+def test_student_that_cannot_take_the_input(teacher, scenario) -> None:
+    model, meta = teacher
+    with pytest.raises(ConfigError):
+        run_method("scratch", model, meta, scenario, _config(student="tv-vit_b_16"))
+
+
+def test_compare_writes_a_complete_report(teacher, scenario, tmp_path: Path) -> None:
+    model, meta = teacher
+    run = Run.create(tmp_path, "compare", {"test": True})
+    report = compare(model, meta, scenario, ["scratch", "feature-kd", "robustkd"], _config(), run)
+    assert list(report["methods"]) == ["scratch", "feature-kd", "robustkd"]
+    saved = json.loads((run.path / "report.json").read_text())
+    assert saved["methods"]["robustkd"]["acc"] == pytest.approx(
+        report["methods"]["robustkd"]["acc"]
+    )
+    assert saved["reference"] == "feature-kd"
+    assert saved["methods"]["feature-kd"]["der"] == pytest.approx(0.5)  # against itself
+    md = (run.path / "report.md").read_text()
+    assert "| robustkd |" in md and "| teacher |" in md
+    assert (run.path / "report.csv").read_text().count("\n") == 5  # header + teacher + 3
+    for fig in ("acc_asr", "curves_asr", "curves_acc", "per_class"):
+        html = (run.path / "figures" / f"{fig}.html").read_text()
+        assert "plotly.min.js" in html
+    assert (run.path / "figures" / "plotly.min.js").stat().st_size > 1_000_000  # offline
+    _, smeta = load_checkpoint(run.path / "checkpoints" / "robustkd.safetensors")
+    assert (
+        smeta["method"] == "robustkd"
+        and smeta["metrics"]["acc"] == saved["methods"]["robustkd"]["acc"]
+    )
+    assert (run.path / "checkpoints" / "robustkd-detox.safetensors").exists()
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_distill_and_runs(tiny_teacher: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "runs" / "one"
+    code, stdout, err = _cli(
+        [
+            "distill",
+            "--teacher",
+            str(tiny_teacher),
+            "--method",
+            "robustkd",
+            "--distill-size",
+            "300",
+            "--trusted-size",
+            "100",
+            "--test-size",
+            "200",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "| robustkd |" in stdout and (out / "report.json").exists()
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "done"
+    code, stdout, _ = _cli(["runs", "--root", str(out.parent), "--json"], capsys)
+    rows = json.loads(stdout)
+    assert code == 0 and rows[0]["id"] == "one" and rows[0]["state"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--method", "magic"], "unknown method"),
+        (["--layers", "block9"], "valid layers include"),
+        (["--threshold", "0"], "threshold"),
+        (["--tau", "3"], "τ"),
+        (["--trusted-size", "0"], "at least 4"),
+        (["--student", "tv-vit_b_16"], "vit_b_16"),
+        (["--scenario", "teacher-train", "--trusted-size", "6000"], "trusted size"),
+        (["--preset", "nope"], "unknown preset"),
+    ],
+)
+def test_cli_mistakes(
+    args: list[str], needle: str, tiny_teacher: Path, tmp_path: Path, capsys
+) -> None:
+    base = [
+        "distill",
+        "--teacher",
+        str(tiny_teacher),
+        "--distill-size",
+        "200",
+        "--test-size",
+        "100",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    code, _, err = _cli(base + args, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("robustkd: error:") and needle.lower() in err.lower(), err
+
+
+def test_cli_scenario_without_trigger(tmp_path: Path, capsys) -> None:
+    path = save_checkpoint(
+        tmp_path / "clean.safetensors",
+        create_model("small-cnn-student"),
+        {
+            "architecture": "small-cnn-student",
+            "dataset": "fashion-mnist",
+            "model_args": {"num_classes": 10, "in_channels": 1, "image_size": [28, 28]},
+            "student_architecture": "small-cnn-student",
+            "trigger": None,
+            "target": None,
+        },
+    )
+    code, _, err = _cli(
+        [
+            "compare",
+            "--teacher",
+            str(path),
+            "--scenario",
+            "untrusted",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capsys,
+    )
+    assert code == 2 and "needs a trigger" in err
