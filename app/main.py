@@ -1,4 +1,4 @@
-"""Streamlit entry point: ``streamlit run app/main.py``."""
+"""Streamlit entry point: ``streamlit run app/main.py`` (``make run``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,24 @@ from app.state import sidebar
 
 PAGES = Path(__file__).resolve().parent.parent / "pages"
 
+# title, file, icon — in the order a newcomer meets them
+PAGE_LIST = [
+    ("Teacher", "teacher.py", "🎓"),
+    ("Triggers", "triggers.py", "🎯"),
+    ("Feature variance", "variance.py", "📊"),
+    ("Attributions", "attributions.py", "🔍"),
+    ("Detox & distil", "distill.py", "🧪"),
+    ("Compare", "compare.py", "⚖️"),
+    ("Teach", "teach.py", "🧑‍🏫"),
+]
+
 st.set_page_config(page_title="RobustKD Studio", page_icon="🛡️", layout="wide")
-page = st.navigation([st.Page(PAGES / "teacher.py", title="Teacher", icon="🎓", default=True)])
+page = st.navigation(
+    [
+        st.Page(PAGES / file, title=title, icon=icon, default=(i == 0))
+        for i, (title, file, icon) in enumerate(PAGE_LIST)
+        if (PAGES / file).exists()
+    ]
+)
 sidebar()
 page.run()

@@ -342,7 +342,7 @@ def tail_from(model: nn.Module, layer: str) -> nn.Module | None:
     output_ok = False
     for node in traced.graph.nodes:
         if node.op == "call_module" and node.target == layer and not found:
-            env[node] = graph.placeholder("features")
+            env[node] = graph.node_copy(node, lambda n: graph.placeholder("features"))
             found = True
             continue
         if node.op == "get_attr":  # parameters/buffers read directly: always available

@@ -61,3 +61,29 @@ def per_class_bars(report: dict[str, Any], classes: list[str] | None = None) -> 
             fig.add_bar(name=name, x=labels, y=[100 * a for a in acc])
     fig.update_layout(barmode="group", yaxis_title="ACC (%)", title="Per-class accuracy")
     return fig
+
+
+def run_curves(records: list[dict[str, Any]]) -> go.Figure:
+    """Live curves of a run's metric stream: test ACC and ASR per epoch, one line per phase."""
+    fig = go.Figure()
+    phases: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        phases.setdefault(str(r.get("phase") or "run"), []).append(r)
+    for phase, rows in phases.items():
+        for key, dash in (("test_acc", "solid"), ("test_asr", "dot")):
+            pts = [(r["epoch"], 100 * r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                fig.add_scatter(
+                    x=[p[0] for p in pts],
+                    y=[p[1] for p in pts],
+                    mode="lines+markers",
+                    name=f"{phase} {key[5:].upper()}",
+                    line={"dash": dash},
+                )
+    fig.update_layout(
+        xaxis_title="epoch",
+        yaxis_title="%",
+        yaxis_range=[0, 105],
+        title="ACC (solid) and ASR (dotted) on test images after each epoch",
+    )
+    return fig

@@ -712,3 +712,15 @@ def launch_worker(
     _CHILDREN[proc.pid] = proc
     run.update_status(pid=proc.pid, argv=args)
     return proc.pid
+
+
+def progress_fraction(status: Mapping[str, Any]) -> float:
+    """Progress of a run's current phase in [0, 1], from its status (1 when it is over)."""
+    if status.get("state") in TERMINAL_STATES:
+        return 1.0
+    epoch, epochs = status.get("epoch") or 0, status.get("epochs") or 0
+    step, steps = status.get("step") or 0, status.get("steps") or 0
+    if not epochs:
+        return 0.0
+    done = max(0, epoch - 1) + (step / steps if steps else 0)
+    return max(0.0, min(1.0, done / epochs))

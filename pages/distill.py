@@ -1,0 +1,117 @@
+"""Detox & distil page: launch a background comparison run, watch it live, cancel it."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.state import current_teacher, runs_root, show_error, teacher_path
+from robustkd.compare import launch_compare, report_markdown
+from robustkd.device import resolve_device
+from robustkd.distill import METHODS
+from robustkd.errors import RobustKDError
+from robustkd.figures import run_curves
+from robustkd.models import model_names
+from robustkd.presets import preset_names
+from robustkd.runs import Run, list_runs, progress_fraction, refresh_state
+from robustkd.scenarios import SCENARIOS
+
+st.title("Detox & distil")
+try:
+    teacher, meta = current_teacher()
+except RobustKDError as exc:
+    show_error(exc)
+    st.stop()
+
+with st.form("launch"):
+    st.markdown(f"Teacher: `{teacher_path().name}` ({meta.get('architecture')})")
+    c1, c2, c3 = st.columns(3)
+    scenario = c1.selectbox("Scenario", SCENARIOS, index=SCENARIOS.index("untrusted"))
+    presets = preset_names()
+    preset = c2.selectbox("Preset", presets, index=presets.index("fashion-badnets-quick"))
+    students = model_names()
+    default_student = meta.get("student_architecture") or "small-cnn-student"
+    student = c3.selectbox(
+        "Student",
+        students,
+        index=students.index(default_student) if default_student in students else 0,
+    )
+    methods = st.multiselect("Methods", METHODS.names(), default=["feature-kd", "robustkd"])
+    c1, c2, c3, c4 = st.columns(4)
+    epochs = c1.number_input("Epochs", 1, 200, 3)
+    rate = c2.number_input("Triggered fraction", 0.0, 1.0, 0.1, step=0.01, format="%.2f")
+    distill_size = c3.number_input("Distillation images", 100, 55000, 8000, step=500)
+    trusted_size = c4.number_input("Trusted clean images", 10, 5000, 1000, step=100)
+    c1, c2, c3, c4 = st.columns(4)
+    threshold = c1.number_input("Variance threshold (0 = auto)", 0.0, 1000.0, 0.0, step=0.5)
+    tau = c2.number_input("τ (learned mask)", 0.001, 1.0, 0.05, step=0.01, format="%.3f")
+    noise = c3.number_input("Input noise rate", 0.0, 1.0, 0.0, step=0.05)
+    seed = c4.number_input("Seed", 0, 1_000_000, 0)
+    devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
+    device = st.selectbox("Device", devices)
+    launched = st.form_submit_button("Launch", type="primary")
+
+if launched:
+    if not methods:
+        st.error("Pick at least one method to run.")
+    else:
+        options = {
+            "teacher": str(teacher_path()), "preset": preset, "scenario": scenario,
+            "student": student, "epochs": int(epochs), "rate": rate,
+            "distill_size": int(distill_size), "trusted_size": int(trusted_size),
+            "threshold": threshold or None, "tau": tau, "noise_rate": noise or None,
+            "seed": int(seed), "device": device,
+        }  # fmt: skip
+        try:
+            run = launch_compare(methods, options, runs_root())
+            st.session_state["watch_run"] = run.id
+            st.success(f"Started run {run.id}; it keeps going if you close the browser.")
+        except RobustKDError as exc:
+            show_error(exc)
+
+runs = list_runs(runs_root())
+if not runs:
+    st.info("No runs yet: launch one above.")
+    st.stop()
+ids = [r.id for r in runs]
+watch = st.session_state.get("watch_run")
+watched_id = st.selectbox("Watch run", ids, index=ids.index(watch) if watch in ids else 0)
+st.session_state["watch_run"] = watched_id
+
+
+@st.fragment(run_every=2)
+def live_panel(run_id: str) -> None:
+    run = Run.open(runs_root(), run_id)
+    status = refresh_state(run)
+    state = status.get("state")
+    label = f"{state} · {status.get('phase') or ''} · epoch {status.get('epoch') or 0}"
+    label += f"/{status.get('epochs') or '?'}"
+    if status.get("eta_seconds") is not None and state == "running":
+        label += f" · about {status['eta_seconds']:.0f} s left"
+    st.progress(progress_fraction(status), text=label)
+    if state in ("queued", "running") and st.button("Cancel", key=f"cancel-{run_id}"):
+        run.request_cancel()
+        st.warning("Cancel requested; the run stops after its current step.")
+    if state == "failed":
+        st.error(f"The run failed: {status.get('message')}")
+        with st.expander("Log"):
+            st.code(run.log_tail(4000) or "(empty)")
+    if state == "cancelled":
+        st.warning("The run was cancelled; the methods it finished are kept below.")
+    records = run.metrics()
+    if records:
+        st.plotly_chart(run_curves(records), key=f"curves-{run_id}")
+    report = run.report()
+    if report and report.get("methods"):
+        st.markdown(report_markdown(report))
+
+
+live_panel(watched_id)
+
+st.subheader("All runs")
+st.dataframe(
+    [
+        {"run": r.id, "state": refresh_state(r).get("state"), "phase": r.status().get("phase")}
+        for r in runs
+    ],
+    hide_index=True,
+)

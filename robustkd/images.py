@@ -1,0 +1,193 @@
+"""Reading user-uploaded images safely, and turning image tensors into displayable pixels.
+
+``read_image`` accepts the bytes of an uploaded file and returns the float ``(C, H, W)`` image
+a model takes, plus one note per conversion it made (mode, transparency, bit depth, frames,
+channels, size), so the app can say what happened to the upload. Anything unreadable, empty
+or too large raises ``DataError`` with one sentence; nothing a decoder says leaks out.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from robustkd.errors import ConfigError, DataError
+
+# Decoders with no external programs (PIL's EPS plugin, for one, runs Ghostscript).
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, TIFF, WebP or PPM"
+MAX_PIXELS = 40_000_000
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _check_args(channels: int, size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ConfigError(f"An image needs at least one channel; got {channels!r}.")
+    ok = isinstance(size, (tuple, list)) and len(size) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+    if not ok:
+        raise ConfigError(f"The image size must be two positive integers (H, W); got {size!r}.")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(f"max_pixels must be a positive integer; got {max_pixels!r}.")
+    return int(size[0]), int(size[1])
+
+
+def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    """Open (header only) and check the pixel count before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns below twice its own limit; an upload that size is refused outright
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"The {what} is too large for this image reader ({exc}); upload an image of at "
+            f"most {max_pixels:,} pixels."
+        ) from exc
+    except Exception as exc:  # any decoder failure on user bytes means "not an image we read"
+        raise DataError(
+            f"The {what} is not a readable image; upload a {FORMAT_NAMES} file."
+        ) from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise DataError(
+            f"The {what} has {width}×{height} = {width * height:,} pixels, more than the limit "
+            f"of {max_pixels:,}; upload a smaller image."
+        )
+    return image
+
+
+def _to_rgb_or_l(image: Image.Image, notes: list[str]) -> Image.Image:
+    """Convert any PIL mode to 8-bit "L" or "RGB", noting what was done."""
+    mode = image.mode
+    has_alpha = mode in _WITH_ALPHA or "transparency" in image.info
+    if mode in _SIXTEEN_BIT or mode == "I":
+        a = np.asarray(image).astype(np.float64)
+        if mode in _SIXTEEN_BIT or a.max(initial=0) > 255:
+            a = a / 257.0  # 65535 → 255
+            notes.append("16-bit image scaled to 8 bits.")
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L")
+    if mode == "F":
+        a = np.asarray(image).astype(np.float64)
+        if a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        notes.append("Floating-point image converted to 8 bits.")
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[:, :, 3:] / 255.0
+        if (alpha < 1).any():
+            notes.append("Transparent pixels composited on black.")
+        rgb = np.rint(rgba[:, :, :3] * alpha).astype(np.uint8)
+        grey = mode in ("LA", "La") or (
+            mode in ("P", "PA", "L") and (rgb[:, :, 0] == rgb[:, :, 1]).all()
+            and (rgb[:, :, 1] == rgb[:, :, 2]).all()
+        )
+        return Image.fromarray(np.ascontiguousarray(rgb[:, :, 0]) if grey else rgb)
+    if mode in ("L", "RGB"):
+        return image
+    if mode == "1":
+        notes.append("Black-and-white image converted to grayscale.")
+        return image.convert("L")
+    if mode == "P":
+        notes.append("Palette image converted to RGB.")
+        return image.convert("RGB")
+    notes.append(f"{mode} image converted to RGB.")
+    return image.convert("RGB")
+
+
+def read_image(
+    data: bytes,
+    channels: int,
+    size: tuple[int, int],
+    max_pixels: int = MAX_PIXELS,
+    *,
+    what: str = "uploaded file",
+) -> tuple[torch.Tensor, list[str]]:
+    """An uploaded image as a float ``(channels, H, W)`` tensor in [0, 1], and notes.
+
+    ``size`` is ``(H, W)``; the image is resized to it (aspect ratio not kept). Colour images
+    become grey by luminance (ITU-R 601) for one channel; grey images are replicated for
+    three (and for any other channel count, grey is repeated). ``what`` names the file in
+    error messages.
+    """
+    height, width = _check_args(channels, size, max_pixels)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DataError(f"The {what} must be given as bytes; got {type(data).__name__}.")
+    data = bytes(data)
+    if not data:
+        raise DataError(f"The {what} is empty; upload a {FORMAT_NAMES} image.")
+    notes: list[str] = []
+    image = _open(data, what, max_pixels)
+    try:
+        frames = int(getattr(image, "n_frames", 1) or 1)
+        if frames > 1:
+            image.seek(0)
+            notes.append(f"Animated image: used the first of its {frames} frames.")
+        image.load()
+        transposed = ImageOps.exif_transpose(image)
+        if transposed is not None and transposed is not image:
+            if transposed.size != image.size or image.getexif().get(0x0112, 1) != 1:
+                notes.append("Rotated as its EXIF orientation says.")
+            image = transposed
+        image = _to_rgb_or_l(image, notes)
+    except DataError:
+        raise
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise DataError(
+            f"The {what} is damaged and cannot be decoded; upload a complete {FORMAT_NAMES} file."
+        ) from exc
+
+    if channels == 1 and image.mode == "RGB":
+        image = image.convert("L")  # ITU-R 601 luma
+        notes.append("Colour image converted to grayscale (luminance) for a 1-channel model.")
+    elif channels == 3 and image.mode == "L":
+        image = image.convert("RGB")
+        notes.append("Grayscale image replicated to 3 channels for an RGB model.")
+    elif channels not in (1, 3):
+        if image.mode == "RGB":
+            image = image.convert("L")
+        notes.append(f"Image converted to grayscale and repeated over {channels} channels.")
+
+    if image.size != (width, height):
+        w0, h0 = image.size
+        kept = abs(w0 * height - h0 * width) <= max(w0, h0)
+        image = image.resize((width, height), Image.Resampling.BILINEAR)  # antialiased by PIL
+        notes.append(
+            f"Resized from {w0}×{h0} to {width}×{height}"
+            + ("." if kept else " (aspect ratio not kept).")
+        )
+    pixels = np.asarray(image, dtype=np.uint8)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.shape[2] != channels:
+        pixels = np.repeat(pixels[:, :, :1], channels, axis=2)
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255.0
+    return tensor.contiguous(), notes
+
+
+def to_display(image: torch.Tensor) -> np.ndarray:
+    """A float [0, 1] (or uint8) ``(C, H, W)`` / ``(H, W)`` image as uint8 ``(H, W)`` or
+    ``(H, W, 3)`` pixels for ``st.image`` (other channel counts show their first channel)."""
+    if not isinstance(image, torch.Tensor):
+        raise DataError(f"to_display takes an image tensor; got {type(image).__name__}.")
+    t = image.detach().cpu()
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    if t.dim() != 3:
+        raise DataError(f"to_display takes a (C, H, W) or (H, W) image; got {tuple(t.shape)}.")
+    if t.dtype == torch.uint8:
+        pixels = t
+    else:
+        pixels = t.float().nan_to_num(0.0).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    if pixels.shape[0] >= 3:
+        return np.ascontiguousarray(pixels[:3].permute(1, 2, 0).numpy())
+    return np.ascontiguousarray(pixels[0].numpy())
