@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 PORT ?= 8501
 
-.PHONY: setup data run test lint teacher clean
+.PHONY: setup data browser run test lint teacher results clean
 
 setup: $(STAMP) data
 
@@ -28,18 +28,31 @@ data:
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or set ROBUSTKD_FASHION_MNIST to a folder holding its four IDX files."; exit 1; \
 	fi
 
+# Debian's Chromium for the end-to-end browser tests (Playwright drives it; no browser download).
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+	  echo "Chromium is missing for the browser tests: run 'sudo apt-get install chromium'."; exit 1; \
+	fi
+
 run: setup
 	$(VENV)/bin/streamlit run app/main.py --server.port $(PORT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+test: setup browser lint
 	$(PY) -m pytest -q
 
 # Rebuild the shipped default teacher (see README: seed, wall time, ACC/ASR).
 teacher: setup
 	$(VENV)/bin/robustkd train-teacher --preset fashion-badnets --out assets/default_teacher.safetensors
+
+# The comparison tables of docs/results.md (about 40 minutes on 2 CPU cores).
+results: setup
+	$(PY) -m bench.results --out runs/results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis test-artifacts

@@ -12,16 +12,16 @@ PAGES = Path(__file__).resolve().parent.parent / "pages"
 
 # title, file, icon — in the order a newcomer meets them
 PAGE_LIST = [
-    ("Teacher", "teacher.py", "🎓"),
-    ("Triggers", "triggers.py", "🎯"),
-    ("Feature variance", "variance.py", "📊"),
-    ("Attributions", "attributions.py", "🔍"),
-    ("Detox & distil", "distill.py", "🧪"),
-    ("Compare", "compare.py", "⚖️"),
-    ("Teach", "teach.py", "🧑‍🏫"),
+    ("Teacher", "teacher.py", ":material/school:"),
+    ("Triggers", "triggers.py", ":material/my_location:"),
+    ("Feature variance", "variance.py", ":material/grid_on:"),
+    ("Attributions", "attributions.py", ":material/visibility:"),
+    ("Detox & distil", "distill.py", ":material/science:"),
+    ("Compare", "compare.py", ":material/compare_arrows:"),
+    ("Teach", "teach.py", ":material/co_present:"),
 ]
 
-st.set_page_config(page_title="RobustKD Studio", page_icon="🛡️", layout="wide")
+st.set_page_config(page_title="RobustKD Studio", page_icon=":material/shield:", layout="wide")
 page = st.navigation(
     [
         st.Page(PAGES / file, title=title, icon=icon, default=(i == 0))
