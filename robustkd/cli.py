@@ -228,6 +228,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
     from robustkd.teacher import TeacherConfig, train_teacher
 
     values: dict[str, Any] = preset(args.preset) if args.preset else {}
+    values.pop("distill", None)  # the preset's distillation plan is for distill/compare
     train = dict(values.pop("train", {}))
     for key, attr in (
         ("dataset", "dataset"),

@@ -439,9 +439,12 @@ class DetoxPreview:
         if trigger is not None and target is not None:
             targets = backdoor_targets(self.labels, target, "all-to-one", data.num_classes)
             keep = torch.nonzero(self.labels != targets).flatten()
-            self.triggered = activations(teacher, data.subset(keep), layer, trigger)
             self.trigger_targets = targets[keep]
-        self._data, self._trigger = data, trigger
+            if len(keep):  # none when every image is of the target class: ASR 0, as evaluate
+                self.triggered = activations(teacher, data.subset(keep), layer, trigger)
+        # without a target there is no ASR (as on the fast path), so no trigger either
+        self._data, self._target = data, target
+        self._trigger = trigger if self.trigger_targets is not None else None
 
     @torch.no_grad()
     def _predict(self, acts: torch.Tensor, detox: ThresholdDetox) -> torch.Tensor:
@@ -459,22 +462,17 @@ class DetoxPreview:
 
             d = Detoxifier({self.layer: detox}, "threshold")
             with d.attach(self.teacher):
-                ev = evaluate(
-                    self.teacher,
-                    self._data,
-                    self._trigger,
-                    int(self.trigger_targets[0])
-                    if self.trigger_targets is not None and len(self.trigger_targets)
-                    else None,
-                )
+                ev = evaluate(self.teacher, self._data, self._trigger, self._target)
             return Preview(ev.acc, ev.asr, detox.flagged, ev.n_clean, ev.n_triggered)
         acc = float((self._predict(self.clean, detox) == self.labels).float().mean())
         asr = None
         n_trig = 0
-        if self.triggered is not None and self.trigger_targets is not None:
-            n_trig = int(self.triggered.shape[0])
-            hits = self._predict(self.triggered, detox) == self.trigger_targets
-            asr = float(hits.float().mean()) if n_trig else 0.0
+        if self.trigger_targets is not None:
+            n_trig = int(self.trigger_targets.shape[0])
+            asr = 0.0
+            if self.triggered is not None and n_trig:
+                hits = self._predict(self.triggered, detox) == self.trigger_targets
+                asr = float(hits.float().mean())
         return Preview(acc, asr, detox.flagged, int(self.clean.shape[0]), n_trig)
 
 

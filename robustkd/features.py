@@ -200,6 +200,8 @@ def activations(
 ) -> torch.Tensor:
     """All of ``layer``'s activations on ``data``, ``(N, C, H, W)`` float32 on the CPU."""
     (name,) = resolve_layers(model, [layer])
+    if len(data) == 0:
+        raise ConfigError(f"The image set {data.name!r} is empty; give it at least one image.")
     device = torch.device(device) if device else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -258,15 +260,12 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's architecture and weights (changes when weights change)."""
+    """A short hash of the model's architecture and weights (changes when any weight changes)."""
     h = hashlib.sha1(type(model).__name__.encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        t = t.detach()
         h.update(str(tuple(t.shape)).encode())
-        if t.numel():
-            flat = t.flatten().double().cpu()
-            h.update(f"{float(flat.sum()):.10e},{float(flat.abs().sum()):.10e}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -342,7 +341,7 @@ def tail_from(model: nn.Module, layer: str) -> nn.Module | None:
     output_ok = False
     for node in traced.graph.nodes:
         if node.op == "call_module" and node.target == layer and not found:
-            env[node] = graph.node_copy(node, lambda n: graph.placeholder("features"))
+            env[node] = graph.placeholder("features")
             found = True
             continue
         if node.op == "get_attr":  # parameters/buffers read directly: always available

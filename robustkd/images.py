@@ -68,30 +68,29 @@ def _to_rgb_or_l(image: Image.Image, notes: list[str]) -> Image.Image:
     """Convert any PIL mode to 8-bit "L" or "RGB", noting what was done."""
     mode = image.mode
     has_alpha = mode in _WITH_ALPHA or "transparency" in image.info
+    # integer and PIL operations throughout: a 40-megapixel upload must not become gigabytes
     if mode in _SIXTEEN_BIT or mode == "I":
-        a = np.asarray(image).astype(np.float64)
+        a = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
         if mode in _SIXTEEN_BIT or a.max(initial=0) > 255:
-            a = a / 257.0  # 65535 → 255
+            a = (a + 128) // 257  # 65535 → 255, rounded
             notes.append("16-bit image scaled to 8 bits.")
-        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L")
+        return Image.fromarray(a.astype(np.uint8), "L")
     if mode == "F":
-        a = np.asarray(image).astype(np.float64)
+        a = np.nan_to_num(np.asarray(image, dtype=np.float32))
         if a.max(initial=0) <= 1.0:
             a = a * 255.0
         notes.append("Floating-point image converted to 8 bits.")
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     if has_alpha:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
-        alpha = rgba[:, :, 3:] / 255.0
-        if (alpha < 1).any():
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        if alpha.getextrema()[0] < 255:
             notes.append("Transparent pixels composited on black.")
-        rgb = np.rint(rgba[:, :, :3] * alpha).astype(np.uint8)
-        grey = mode in ("LA", "La") or (
-            mode in ("P", "PA", "L") and (rgb[:, :, 0] == rgb[:, :, 1]).all()
-            and (rgb[:, :, 1] == rgb[:, :, 2]).all()
-        )
-        return Image.fromarray(np.ascontiguousarray(rgb[:, :, 0]) if grey else rgb)
+        if mode in ("P", "PA"):
+            notes.append("Palette image converted to RGB.")
+        out = Image.new("RGB", rgba.size, (0, 0, 0))
+        out.paste(rgba.convert("RGB"), mask=alpha)  # colour × alpha over black
+        return out.convert("L") if mode in ("L", "LA", "La") else out
     if mode in ("L", "RGB"):
         return image
     if mode == "1":
@@ -132,12 +131,17 @@ def read_image(
         if frames > 1:
             image.seek(0)
             notes.append(f"Animated image: used the first of its {frames} frames.")
+        size0 = image.size
+        if image.format == "JPEG":  # decode big photos at 1/2, 1/4 or 1/8 scale, still ≥ size
+            side = max(height, width)
+            image.draft(None, (side, side))
         image.load()
-        transposed = ImageOps.exif_transpose(image)
-        if transposed is not None and transposed is not image:
-            if transposed.size != image.size or image.getexif().get(0x0112, 1) != 1:
-                notes.append("Rotated as its EXIF orientation says.")
-            image = transposed
+        orientation = image.getexif().get(0x0112, 1)  # EXIF orientation, 1 = upright
+        if orientation in range(2, 9):
+            image = ImageOps.exif_transpose(image)
+            notes.append("Rotated as its EXIF orientation says.")
+            if orientation >= 5:  # a quarter turn swaps width and height
+                size0 = size0[::-1]
         image = _to_rgb_or_l(image, notes)
     except DataError:
         raise
@@ -158,14 +162,14 @@ def read_image(
         notes.append(f"Image converted to grayscale and repeated over {channels} channels.")
 
     if image.size != (width, height):
-        w0, h0 = image.size
+        w0, h0 = size0  # as uploaded (a JPEG may have been decoded smaller already)
         kept = abs(w0 * height - h0 * width) <= max(w0, h0)
         image = image.resize((width, height), Image.Resampling.BILINEAR)  # antialiased by PIL
         notes.append(
             f"Resized from {w0}×{h0} to {width}×{height}"
             + ("." if kept else " (aspect ratio not kept).")
         )
-    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = np.array(image, dtype=np.uint8)  # a writable copy for torch
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if pixels.shape[2] != channels:
@@ -175,8 +179,11 @@ def read_image(
 
 
 def to_display(image: torch.Tensor) -> np.ndarray:
-    """A float [0, 1] (or uint8) ``(C, H, W)`` / ``(H, W)`` image as uint8 ``(H, W)`` or
-    ``(H, W, 3)`` pixels for ``st.image`` (other channel counts show their first channel)."""
+    """A float [0, 1] (or uint8) ``(C, H, W)`` / ``(H, W)`` image as uint8 pixels for ``st.image``.
+
+    One or two channels give ``(H, W)`` (the first channel); three or more give ``(H, W, 3)``
+    (the first three, e.g. RGB of RGBA).
+    """
     if not isinstance(image, torch.Tensor):
         raise DataError(f"to_display takes an image tensor; got {type(image).__name__}.")
     t = image.detach().cpu()

@@ -80,7 +80,7 @@ def browser_page(server: str) -> Iterator:
         browser.close()
 
 
-def _settle(page) -> None:  # noqa: ANN001
+def _settle(page) -> None:
     """Wait until Streamlit has finished running the script."""
     page.wait_for_timeout(300)
     page.wait_for_function(
@@ -88,20 +88,20 @@ def _settle(page) -> None:  # noqa: ANN001
     )
 
 
-def _check(page, name: str) -> None:  # noqa: ANN001
+def _check(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
     assert page.locator('[data-testid="stException"]').count() == 0, f"exception on {name}"
     assert "Traceback" not in page.inner_text("body"), f"traceback on {name}"
 
 
-def _goto(page, title: str) -> None:  # noqa: ANN001
+def _goto(page, title: str) -> None:
     page.locator('[data-testid="stSidebarNav"] a').filter(has_text=title).first.click()
     page.wait_for_selector(f"h1:has-text('{title}')")
     _settle(page)
 
 
-def test_newcomer_journey(server: str, browser_page) -> None:  # noqa: ANN001
+def test_newcomer_journey(server: str, browser_page) -> None:
     page = browser_page
     page.goto(server)
     page.wait_for_selector("h1:has-text('Teacher')")

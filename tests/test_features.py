@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -73,7 +75,7 @@ def _hand_activations(model: nn.Module, data: ImageDataset, layers: list[str], t
 def _stream(data: torch.Tensor, cuts: list[int]) -> RunningMoments:
     rm = RunningMoments()
     bounds = [0, *sorted(cuts), data.shape[0]]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         rm.update(data[lo:hi])
     return rm
 

@@ -1,0 +1,250 @@
+"""Feature variance page: where a trigger inflates a layer's variance, and a threshold preview."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+import streamlit as st
+import torch
+
+from app.state import current_teacher, show_error, teacher_path, test_set_for
+from robustkd.data import ImageDataset, defender_subset
+from robustkd.detox import DetoxPreview, ThresholdFit, auto_threshold, fit_threshold
+from robustkd.errors import RobustKDError
+from robustkd.features import StatsCache, activations
+from robustkd.metrics import Evaluation, evaluate
+from robustkd.poison import poison_dataset
+from robustkd.triggers import Trigger, trigger_from_dict
+from robustkd.variance_figures import (
+    activation_maps_figure,
+    channel_variance_figure,
+    compare_layer,
+    flagged_units_figure,
+    ranked_channels_figure,
+    spatial_variance_figure,
+)
+
+# log-spaced slider stops from 1 to 50
+THRESHOLDS = sorted({round(float(v), 2) for v in np.geomspace(1.0, 50.0, 41)})
+SEEDS = {"trusted": 0, "suspect": 1, "validation": 2}  # disjoint val subsets
+
+
+@st.cache_resource(max_entries=1)
+def stats_cache() -> tuple[StatsCache, threading.Lock]:
+    """One statistics cache for every session, and a lock: sessions run in their own threads."""
+    return StatsCache(max_entries=64), threading.Lock()
+
+
+@st.cache_resource(show_spinner="Scoring units against the trusted clean set …", max_entries=8)
+def threshold_fit(
+    model_key: str,
+    trigger_json: str,
+    target: int,
+    size: int,
+    percent: int,
+    granularity: str,
+    _model: torch.nn.Module,
+    _val: ImageDataset,
+) -> ThresholdFit:
+    """Fit on a trusted val subset against a same-size val subset, ``percent`` % triggered."""
+    trusted, t_idx = defender_subset(_val, size, seed=SEEDS["trusted"])
+    suspect, _ = defender_subset(_val, size, seed=SEEDS["suspect"], exclude=t_idx)
+    trigger = trigger_from_dict(json.loads(trigger_json))
+    suspect = poison_dataset(suspect, trigger, percent / 100, target, keep_labels=True).dataset
+    return fit_threshold(_model, trusted, suspect, granularity=granularity)
+
+
+# each entry holds the layer's activations on n clean and n triggered images
+@st.cache_resource(show_spinner="Preparing the detox preview …", max_entries=2)
+def detox_preview(
+    model_key: str,
+    fit_key: tuple,
+    layer: str,
+    n: int,
+    _model: torch.nn.Module,
+    _fit: ThresholdFit,
+    _data: ImageDataset,
+) -> tuple[DetoxPreview, Evaluation]:
+    """The preview at one layer on the first ``n`` test images, and the teacher's own numbers."""
+    trigger_json, target = fit_key[0], fit_key[1]
+    trigger = trigger_from_dict(json.loads(trigger_json))
+    sub = _data.subset(range(n))
+    return (
+        DetoxPreview(_model, _fit, layer, sub, trigger, target),
+        evaluate(_model, sub, trigger, target),
+    )
+
+
+def validation_set(val: ImageDataset, size: int) -> ImageDataset:
+    """Val images outside the trusted and suspect subsets (never test images)."""
+    _, t_idx = defender_subset(val, size, seed=SEEDS["trusted"])
+    _, s_idx = defender_subset(val, size, seed=SEEDS["suspect"], exclude=t_idx)
+    used = torch.cat([t_idx, s_idx])
+    return defender_subset(val, size, seed=SEEDS["validation"], exclude=used)[0]
+
+
+def pp(change: float) -> str:
+    """A change of a fraction in percentage points, with no "-0.00"."""
+    return f"{round(100 * change, 2) + 0.0:+.2f} pp"
+
+
+def current_trigger(meta: dict[str, Any], num_classes: int) -> tuple[Trigger | None, int, str]:
+    """The trigger built on the Triggers page, else the teacher's stored one."""
+    built = st.session_state.get("current_trigger")
+    target = st.session_state.get("current_target")
+    if built and isinstance(target, int) and 0 <= target < num_classes:
+        return trigger_from_dict(built), target, "the Triggers page"
+    stored, target = meta.get("trigger"), meta.get("target")
+    return (
+        (trigger_from_dict(stored) if stored else None),
+        int(target) if target is not None else 0,
+        "the teacher's stored trigger",
+    )
+
+
+st.title("Feature variance")
+try:
+    model, meta = current_teacher()
+    data = test_set_for(meta)
+    val = test_set_for(meta, "val")
+    trigger, target, origin = current_trigger(meta, data.num_classes)
+except RobustKDError as exc:
+    show_error(exc)
+    st.stop()
+layers = list(getattr(model, "feature_layers", []))
+if not layers:
+    st.error("This teacher names no stage outputs (feature_layers), so there is nothing to show.")
+    st.stop()
+if trigger is None:
+    st.info("This teacher records no trigger; build one on the Triggers page.")
+    st.stop()
+classes = list(meta.get("classes") or data.classes)
+# the checkpoint file, its version and any architecture override name the model for caching
+path = teacher_path()
+model_key = json.dumps(
+    [str(path), path.stat().st_mtime, st.session_state.get("teacher_args") or {}], sort_keys=True
+)
+st.caption(f"Trigger `{trigger!r}` from {origin} · target class {target} ({classes[target]}).")
+offer_reset = origin == "the Triggers page" and bool(meta.get("trigger"))
+if offer_reset and st.button("Use the teacher's stored trigger", key="var_stored_trigger"):
+    for k in ("current_trigger", "current_target"):
+        st.session_state.pop(k, None)
+    st.rerun()
+
+c1, c2 = st.columns(2)
+# a middle stage: early layers see pixels, the last one mostly classes
+layer = c1.selectbox("Layer", layers, index=len(layers) // 2, key="var_layer")
+sizes = sorted({n for n in (100, 200, 500, 1000, 2000) if n <= len(data)} | {min(len(data), 500)})
+n = c2.select_slider("Test images", sizes, value=min(500, len(data)), key="var_n")
+sub = data.subset(range(n))
+try:
+    cache, lock = stats_cache()
+    with lock:
+        clean_stats = cache.get(model, sub, [layer])[layer]
+        trig_stats = cache.get(model, sub, [layer], trigger)[layer]
+    cmp = compare_layer(clean_stats, trig_stats)
+except RobustKDError as exc:
+    show_error(exc)
+    st.stop()
+
+st.subheader("Clean versus triggered variance")
+st.plotly_chart(channel_variance_figure(cmp), key="var_channels")
+st.plotly_chart(spatial_variance_figure(cmp), key="var_spatial")
+st.plotly_chart(ranked_channels_figure(cmp, 20), key="var_ranked")
+top, ratios = cmp.top_channels(4)
+st.caption(
+    "Largest ratios: "
+    + ", ".join(f"channel {c} ×{r:.2f}" for c, r in zip(top, ratios, strict=True))
+)
+
+st.subheader("Activation maps of the top channels")
+i = st.number_input("Test image", 0, n - 1, 0, key="var_image")
+one = data.subset([int(i)])
+clean_act = activations(model, one, layer)[0]
+trig_act = activations(model, one, layer, trigger)[0]
+st.plotly_chart(activation_maps_figure(clean_act, trig_act, top, layer), key="var_acts")
+
+st.subheader("Variance threshold and detoxified teacher")
+st.caption(
+    "Units whose variance on a distillation-like set (val images, some triggered) exceeds the "
+    "threshold × their variance on a trusted clean val subset are replaced by their clean mean."
+)
+c1, c2, c3 = st.columns(3)
+limit = max(4, len(val) // 3)
+size = int(
+    c1.number_input("Trusted clean images (val)", 4, limit, min(500, limit), key="var_trusted")
+)
+percent = int(c2.slider("Triggered share of the suspect set (%)", 0, 50, 10, key="var_percent"))
+granularity = c3.radio("Flag", ["unit", "channel"], horizontal=True, key="var_gran")
+trigger_json = json.dumps(trigger.to_dict(), sort_keys=True)
+try:
+    fit = threshold_fit(model_key, trigger_json, target, size, percent, granularity, model, val)
+    fit_key = (trigger_json, target, size, percent, granularity)
+    preview, base = detox_preview(model_key, fit_key, layer, n, model, fit, data)
+except RobustKDError as exc:
+    show_error(exc)
+    st.stop()
+
+default = round(fit.layers[layer].default_threshold, 2)
+left, right = st.columns([3, 1])
+with right:
+    st.write("")
+    if st.button("Auto threshold (validation data)", key="var_auto_btn"):
+        # judged on this layer alone, as the preview detoxifies this layer alone
+        one_layer = ThresholdFit({layer: fit.layers[layer]}, fit.granularity, fit.calibration)
+        try:
+            auto = round(auto_threshold(model, one_layer, validation_set(val, size)), 3)
+        except RobustKDError as exc:
+            show_error(exc)
+        else:
+            st.session_state["var_auto"] = auto
+            st.session_state["var_threshold"] = auto
+    if "var_auto" in st.session_state:
+        st.caption(
+            f"Auto: {st.session_state['var_auto']:g} — the lowest threshold keeping clean "
+            f"ACC within 1 point on {size} validation images."
+        )
+st.session_state.setdefault("var_threshold", default)
+options = sorted(
+    {*THRESHOLDS, default, st.session_state.get("var_auto", default)}
+    | {st.session_state["var_threshold"]}
+)
+with left:
+    threshold = st.select_slider(
+        "Variance threshold (log scale)",
+        options,
+        format_func=lambda v: f"{v:g}",
+        key="var_threshold",
+        help=f"Clean-halves default at {layer}: {default:g}.",
+    )
+
+result = preview(float(threshold))
+m1, m2, m3 = st.columns(3)
+m1.metric(
+    "Detoxified ACC",
+    f"{100 * result.acc:.2f} %",
+    pp(result.acc - base.acc),
+    help=f"{result.n_clean} test images; the teacher alone: {100 * base.acc:.2f} %.",
+)
+if result.asr is not None and base.asr is not None:
+    m2.metric(
+        "Detoxified ASR",
+        f"{100 * result.asr:.2f} %",
+        pp(result.asr - base.asr),
+        delta_color="inverse",
+        help=f"{result.n_triggered} triggered test images; the teacher alone: "
+        f"{100 * base.asr:.2f} %.",
+    )
+m3.metric("Flagged units", f"{result.flagged_units:,}", help=f"at {layer}")
+counts = fit.flagged_units(float(threshold))
+st.caption(
+    f"Flagged at threshold {threshold:g}: "
+    + " · ".join(
+        f"{name} {c:,} of {fit.layers[name].clean_mean.numel():,}" for name, c in counts.items()
+    )
+    + f". The preview detoxifies {layer} only, on the first {n} test images."
+)
+st.plotly_chart(flagged_units_figure(fit.layers[layer], float(threshold)), key="var_flagged")

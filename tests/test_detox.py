@@ -1,0 +1,497 @@
+"""Feature detoxification (threshold and learned), sample screening, previews, auto-threshold."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from robustkd.checkpoints import load_checkpoint
+from robustkd.data import ImageDataset
+from robustkd.detox import (
+    Detoxifier,
+    DetoxPreview,
+    LearnedDetox,
+    ThresholdDetox,
+    ThresholdFit,
+    auto_threshold,
+    fit_learned,
+    fit_screen,
+    fit_threshold,
+    split_halves,
+)
+from robustkd.errors import CheckpointError, ConfigError
+from robustkd.features import activations, feature_stats, variance_score
+from robustkd.metrics import evaluate
+from robustkd.poison import Poisoning, poison_dataset
+from robustkd.triggers import Trigger, create_trigger
+
+TARGET = 0
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher: Path) -> nn.Module:
+    model, _ = load_checkpoint(tiny_teacher)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trigger() -> Trigger:
+    return create_trigger("badnets", size=3)  # the tiny teacher's trigger (bottom-right)
+
+
+@pytest.fixture(scope="module")
+def trusted(small_train: ImageDataset) -> ImageDataset:
+    return small_train.subset(range(300))
+
+
+@pytest.fixture(scope="module")
+def clean_suspect(small_train: ImageDataset) -> ImageDataset:
+    """Clean images disjoint from the trusted set."""
+    return small_train.subset(range(300, 600))
+
+
+@pytest.fixture(scope="module")
+def poisoning(small_test: ImageDataset, trigger: Trigger) -> Poisoning:
+    """300 distillation images, 30 % of them carrying the trigger (labels kept)."""
+    return poison_dataset(small_test, trigger, 0.3, TARGET, keep_labels=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fit(teacher: nn.Module, trusted: ImageDataset, poisoning: Poisoning) -> ThresholdFit:
+    return fit_threshold(teacher, trusted, poisoning.dataset)
+
+
+@pytest.fixture(scope="module")
+def clean_fit(
+    teacher: nn.Module, trusted: ImageDataset, clean_suspect: ImageDataset
+) -> ThresholdFit:
+    return fit_threshold(teacher, trusted, clean_suspect)
+
+
+def _no_hooks(model: nn.Module) -> bool:
+    return not any(m._forward_hooks for m in model.modules())
+
+
+def _logits(model: nn.Module, n: int = 8) -> torch.Tensor:
+    x = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(x)
+
+
+# --------------------------------------------------------------------------- detox modules
+
+
+def test_threshold_detox_blends_flagged_units_only() -> None:
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(4, 3, 5, 5, generator=g)
+    mask = torch.rand(3, 5, 5, generator=g) > 0.6
+    mean = torch.randn(3, 5, 5, generator=g)
+    full = ThresholdDetox(mask, mean, blend=1.0)
+    assert full.flagged == int(mask.sum()) > 0
+    out = full(features)
+    keep = ~mask.expand_as(features)
+    assert torch.equal(out[keep], features[keep])
+    torch.testing.assert_close(out[:, mask], mean[mask].expand(4, -1))
+    half = ThresholdDetox(mask, mean, blend=0.5)(features)
+    assert torch.equal(half[keep], features[keep])
+    torch.testing.assert_close(half[:, mask], (features[:, mask] + mean[mask]) / 2)
+    none = ThresholdDetox(mask, mean, blend=0.0)(features)
+    assert torch.equal(none, features)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError):
+            ThresholdDetox(mask, mean, blend=bad)
+
+
+def test_learned_detox_clamps_mask() -> None:
+    tau = 0.2
+    mean = torch.randn(2, 3, 3)
+    d = LearnedDetox(mean, tau=tau)
+    torch.testing.assert_close(d.m.data, torch.full_like(mean, tau / 2))
+    torch.testing.assert_close(d.p.data, mean)
+    raw = torch.tensor([-1.0, 0.05, 0.5]).repeat(6)  # below, inside, above [0, τ]
+    d.m.data.copy_(raw.view(2, 3, 3))
+    features = torch.randn(5, 2, 3, 3)
+    m = raw.clamp(0, tau).view(2, 3, 3)
+    torch.testing.assert_close(d(features), (1 - m) * features + m * mean)
+    d.project()
+    torch.testing.assert_close(d.m.data, m)
+    assert bool((d.m >= 0).all() and (d.m <= tau).all())  # τ as float32, as m is
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ConfigError):
+            LearnedDetox(mean, tau=bad)
+
+
+def test_attach_changes_output_only_inside(teacher: nn.Module) -> None:
+    before = _logits(teacher)
+    mean = torch.zeros(16, 28, 28)
+    detox = Detoxifier({"block1": ThresholdDetox(torch.ones(16, 28, 28), mean)}, "threshold")
+    with detox.attach(teacher) as model:
+        assert model is teacher
+        inside = _logits(teacher)
+    assert not torch.allclose(inside, before)
+    assert _no_hooks(teacher)
+    assert torch.equal(_logits(teacher), before)
+    with pytest.raises(RuntimeError), detox.attach(teacher):
+        raise RuntimeError("boom")
+    assert _no_hooks(teacher)
+    bad = Detoxifier({"nope": ThresholdDetox(torch.ones(1), torch.zeros(1))}, "threshold")
+    with pytest.raises(KeyError), bad.attach(teacher):
+        pass
+    assert _no_hooks(teacher)
+
+
+def test_save_load_threshold_round_trip(
+    teacher: nn.Module, fit: ThresholdFit, tmp_path: Path
+) -> None:
+    detox = fit.detoxifier(2.0, blend=0.5)
+    path = detox.save(tmp_path / "sub" / "detox.safetensors")
+    loaded = Detoxifier.load(path)
+    assert loaded.mode == "threshold"
+    assert loaded.names == detox.names
+    assert loaded.info == detox.info
+    for (_, a), (_, b) in zip(detox.items(), loaded.items(), strict=True):
+        assert isinstance(b, ThresholdDetox) and b.blend == 0.5
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.clean_mean, b.clean_mean)
+    with detox.attach(teacher):
+        expected = _logits(teacher)
+    with loaded.attach(teacher):
+        got = _logits(teacher)
+    assert torch.equal(expected, got)
+    assert not torch.allclose(expected, _logits(teacher))  # the detox does something
+
+
+def test_load_rejects_other_files(tiny_teacher: Path, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        Detoxifier.load(tiny_teacher)  # a model checkpoint, not a detoxifier
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError):
+        Detoxifier.load(junk)
+    with pytest.raises(CheckpointError):
+        Detoxifier.load(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------- threshold fit
+
+
+def _indexed(n: int) -> ImageDataset:
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 8, 8).clone()
+    return ImageDataset(
+        images, torch.arange(n) % 10, tuple("abcdefghij"), (0.5,), (0.5,), "indexed"
+    )
+
+
+def test_split_halves() -> None:
+    data = _indexed(11)
+    a, b = split_halves(data, seed=3)
+    ids_a = set(a.images[:, 0, 0, 0].tolist())
+    ids_b = set(b.images[:, 0, 0, 0].tolist())
+    assert (len(a), len(b)) == (5, 6)
+    assert len(ids_a) == 5 and len(ids_b) == 6
+    assert not ids_a & ids_b
+    assert ids_a | ids_b == set(range(11))
+    again = split_halves(data, seed=3)[0]
+    assert torch.equal(again.images, a.images)
+    others = [set(split_halves(data, seed=s)[0].images[:, 0, 0, 0].tolist()) for s in range(8)]
+    assert any(o != ids_a for o in others)  # the seed matters
+    with pytest.raises(ConfigError):
+        split_halves(_indexed(3))
+
+
+def _bottom_right_fraction(mask: torch.Tensor) -> float:
+    _, h, w = mask.shape
+    pos = mask.nonzero()
+    inside = (pos[:, 1] >= h // 2) & (pos[:, 2] >= w // 2)
+    return float(inside.float().mean())
+
+
+def test_fit_threshold_flags_trigger_units(fit: ThresholdFit, clean_fit: ThresholdFit) -> None:
+    assert list(fit.layers) == ["block1", "block2", "block3"]
+    flagged = fit.flagged_units()
+    clean_flagged = clean_fit.flagged_units()
+    assert flagged["block1"] > 0
+    mask1 = fit.layers["block1"].mask()
+    assert mask1.shape == (16, 28, 28) and mask1.dtype == torch.bool
+    # the trigger sits in the bottom-right corner, and so do the flagged units
+    assert _bottom_right_fraction(mask1) > 0.5
+    assert _bottom_right_fraction(fit.layers["block2"].mask()) > 0.5
+    # a clean distillation set flags far fewer units
+    assert sum(clean_flagged.values()) * 5 < sum(flagged.values())
+    for name, f in fit.layers.items():
+        assert f.default_threshold == pytest.approx(float(f.clean_scores.max()))
+        assert float(f.scores.max()) > float(clean_fit.layers[name].scores.max())
+        assert fit.thresholds()[name] == f.default_threshold
+        assert fit.thresholds(3.0)[name] == 3.0
+        assert int(f.mask(3.0).sum()) == int((f.scores > 3.0).sum())
+    # a higher threshold never flags more
+    assert fit.flagged_units(50.0)["block1"] <= fit.flagged_units(2.0)["block1"]
+
+
+def test_fit_threshold_scores_and_clean_mean(
+    teacher: nn.Module, fit: ThresholdFit, trusted: ImageDataset, poisoning: Poisoning
+) -> None:
+    half_a, half_b = split_halves(trusted, 0)
+    assert torch.equal(fit.calibration.images, half_b.images)
+    sa = feature_stats(teacher, half_a, ["block2"])["block2"]
+    ss = feature_stats(teacher, poisoning.dataset, ["block2"])["block2"]
+    f = fit.layers["block2"]
+    torch.testing.assert_close(f.scores, variance_score(ss, sa, per_unit=True))
+    whole = feature_stats(teacher, trusted, ["block2"])["block2"]
+    torch.testing.assert_close(f.clean_mean, whole.unit_mean, rtol=1e-4, atol=1e-5)
+    assert f.reference.n == len(half_a)
+
+
+def test_fit_threshold_channel_granularity(
+    teacher: nn.Module, trusted: ImageDataset, poisoning: Poisoning
+) -> None:
+    fit_c = fit_threshold(teacher, trusted, poisoning.dataset, "block1,block2", "channel")
+    assert fit_c.granularity == "channel"
+    for f in fit_c.layers.values():
+        c = f.clean_mean.shape[0]
+        assert f.scores.shape == (c,)
+        for t in (None, 0.5, 1.5):
+            mask = f.mask(t)
+            assert mask.shape == f.clean_mean.shape
+            per_channel = mask.flatten(1)
+            assert torch.equal(per_channel.all(1), per_channel.any(1))  # whole channels
+            expected = f.scores > (f.default_threshold if t is None else t)
+            assert torch.equal(per_channel.any(1), expected)
+    assert fit_c.flagged_units(0.5)["block1"] > 0
+    assert fit_c.flagged_units(0.5)["block1"] % (28 * 28) == 0
+
+
+def test_fit_threshold_errors(
+    teacher: nn.Module, trusted: ImageDataset, poisoning: Poisoning
+) -> None:
+    with pytest.raises(ConfigError):
+        fit_threshold(teacher, trusted, poisoning.dataset, granularity="pixel")
+    with pytest.raises(ConfigError):
+        fit_threshold(teacher, trusted, poisoning.dataset.subset([]))
+    with pytest.raises(ConfigError):
+        fit_threshold(teacher, trusted.subset(range(3)), poisoning.dataset)
+
+
+# --------------------------------------------------------------------------- screening
+
+
+def test_fit_screen_separates_triggered_samples(
+    teacher: nn.Module, fit: ThresholdFit, poisoning: Poisoning
+) -> None:
+    screen = fit_screen(teacher, fit)
+    assert screen.active
+    data = poisoning.dataset
+    scores = screen.scores(teacher, data)
+    assert scores.shape == (len(data),)
+    poisoned = poisoning.poisoned_mask
+    assert float(scores[poisoned].mean()) > 10 * float(scores[~poisoned].mean())
+    flags = screen.flags(teacher, data)
+    assert torch.equal(flags, scores > screen.threshold)
+    assert float(flags[poisoned].float().mean()) > 0.8  # recall
+    assert float(flags[~poisoned].float().mean()) < 0.1  # false positives
+    calib = screen.scores(teacher, fit.calibration)
+    assert screen.threshold == pytest.approx(float(torch.quantile(calib.double(), 0.99)))
+    # by hand: mean squared z-score over all flagged units
+    total, count = torch.zeros(len(data)), 0
+    for name, mask in screen.masks.items():
+        if mask.any():
+            a = activations(teacher, data, name)[:, mask]
+            z = (a - screen.means[name][mask]) / screen.stds[name][mask]
+            total += (z**2).sum(1)
+            count += int(mask.sum())
+    torch.testing.assert_close(scores, total / count, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_screen_without_flagged_units(
+    teacher: nn.Module, fit: ThresholdFit, poisoning: Poisoning
+) -> None:
+    screen = fit_screen(teacher, fit, threshold=1e9)
+    assert not screen.active
+    assert math.isinf(screen.threshold)
+    scores = screen.scores(teacher, poisoning.dataset)
+    assert torch.equal(scores, torch.zeros(len(poisoning.dataset)))
+    assert not screen.flags(teacher, poisoning.dataset).any()
+    for q in (0.3, 1.0, 1.5):
+        with pytest.raises(ConfigError):
+            fit_screen(teacher, fit, quantile=q)
+
+
+# --------------------------------------------------------------------------- preview
+
+
+@pytest.mark.parametrize("layer", ["block1", "block2", "block3"])
+def test_preview_matches_full_evaluation(
+    teacher: nn.Module, fit: ThresholdFit, small_test: ImageDataset, trigger: Trigger, layer: str
+) -> None:
+    preview = DetoxPreview(teacher, fit, layer, small_test, trigger, TARGET)
+    assert preview.tail is not None  # the fast path is what is tested here
+    base = evaluate(teacher, small_test, trigger, TARGET)
+    differs = False
+    for threshold in (2.0, None):
+        got = preview(threshold)
+        full = fit.detoxifier(threshold)
+        only = Detoxifier({layer: full.detox[full.names.index(layer)]}, "threshold")
+        with only.attach(teacher):
+            ev = evaluate(teacher, small_test, trigger, TARGET)
+        assert got.acc == pytest.approx(ev.acc, abs=1e-6)
+        assert got.asr == pytest.approx(ev.asr, abs=1e-6)
+        assert got.n_clean == ev.n_clean and got.n_triggered == ev.n_triggered
+        assert got.flagged_units == fit.flagged_units(threshold)[layer]
+        differs |= (ev.acc, ev.asr) != (base.acc, base.asr)
+    assert _no_hooks(teacher)
+    if layer != "block3":  # at block3 the tiny teacher's prediction may not budge
+        assert differs
+
+
+def test_preview_errors(
+    teacher: nn.Module, fit: ThresholdFit, small_test: ImageDataset, trigger: Trigger
+) -> None:
+    with pytest.raises(ConfigError):
+        DetoxPreview(teacher, fit, "fc", small_test, trigger, TARGET)
+    preview = DetoxPreview(teacher, fit, "block2", small_test.subset(range(50)), None, None)
+    assert preview(3.0).asr is None
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError):
+            preview(bad)
+
+
+class Untraceable(nn.Module):
+    """The teacher behind data-dependent control flow: previews fall back to full passes."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.feature_layers = [f"net.{n}" for n in net.feature_layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError("expected a batch of images")
+        return self.net(x)
+
+
+def test_preview_fallback_agrees_with_fast_path(
+    teacher: nn.Module,
+    trusted: ImageDataset,
+    poisoning: Poisoning,
+    small_test: ImageDataset,
+    trigger: Trigger,
+) -> None:
+    wrapped = Untraceable(teacher).eval()
+    fit_fast = fit_threshold(teacher, trusted, poisoning.dataset, "block1")
+    fit_slow = fit_threshold(wrapped, trusted, poisoning.dataset, "net.block1")
+    data = small_test.subset(range(120))
+    cases = [
+        (data, TARGET),  # ACC and ASR
+        (data, None),  # a trigger without a target: no ASR on either path
+        (data.subset(torch.nonzero(data.labels == TARGET).flatten()), TARGET),  # no ASR images
+    ]
+    for sub, target in cases:
+        fast = DetoxPreview(teacher, fit_fast, "block1", sub, trigger, target)
+        slow = DetoxPreview(wrapped, fit_slow, "net.block1", sub, trigger, target)
+        assert fast.tail is not None and slow.tail is None
+        for threshold in (2.0, None):
+            a, b = fast(threshold), slow(threshold)
+            assert a.acc == pytest.approx(b.acc, abs=1e-6)
+            assert (a.asr is None) == (b.asr is None)
+            if a.asr is not None:
+                assert a.asr == pytest.approx(b.asr, abs=1e-6)
+            assert (a.flagged_units, a.n_clean, a.n_triggered) == (
+                b.flagged_units,
+                b.n_clean,
+                b.n_triggered,
+            )
+        if target is None:
+            assert a.asr is None and a.n_triggered == 0
+    # evaluation images all of the target class: ASR 0 over no images, as evaluate says
+    only_target = cases[2][0]
+    assert len(only_target) > 0
+    ev = evaluate(teacher, only_target, trigger, TARGET)
+    got = DetoxPreview(teacher, fit_fast, "block1", only_target, trigger, TARGET)(1e5)
+    assert (got.asr, got.n_triggered) == (ev.asr, ev.n_triggered) == (0.0, 0)
+    assert got.acc == pytest.approx(ev.acc, abs=1e-6)
+    assert _no_hooks(teacher)
+
+
+# --------------------------------------------------------------------------- auto threshold
+
+
+def test_auto_threshold(teacher: nn.Module, fit: ThresholdFit, clean_suspect: ImageDataset) -> None:
+    validation = clean_suspect
+    base = evaluate(teacher, validation).acc
+    default = max(f.default_threshold for f in fit.layers.values())
+    grid = [default * f for f in (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)]
+    drop = 0.01
+    chosen = auto_threshold(teacher, fit, validation, max_acc_drop=drop)
+    assert _no_hooks(teacher)
+    assert any(chosen == pytest.approx(t) for t in grid)
+    accs = {}
+    for t in grid:
+        with fit.detoxifier(t).attach(teacher):
+            accs[t] = evaluate(teacher, validation).acc
+    ok = [t for t in grid if base - accs[t] <= drop]
+    assert ok, "some candidate should keep the clean accuracy"
+    assert chosen == pytest.approx(min(ok))  # the lowest acceptable one
+    with fit.detoxifier(chosen).attach(teacher):
+        assert base - evaluate(teacher, validation).acc <= drop
+    # explicit candidates (unsorted); the tiny ones replace nearly every unit and lose ACC
+    candidates = [1e5, 0.01, default, 0.5]
+    ok = []
+    for t in sorted(candidates):
+        with fit.detoxifier(t).attach(teacher):
+            if base - evaluate(teacher, validation).acc <= drop:
+                ok.append(t)
+    assert ok and min(ok) > 0.01
+    assert auto_threshold(teacher, fit, validation, drop, candidates) == pytest.approx(min(ok))
+    # nothing acceptable falls back to the largest
+    assert auto_threshold(teacher, fit, validation, 0.01, [1e5, 3e5]) == 1e5
+    assert auto_threshold(teacher, fit, validation, -1.0, [2.0, 7.0]) == 7.0
+    with pytest.raises(ConfigError):
+        auto_threshold(teacher, fit, validation.subset([]))
+
+
+# --------------------------------------------------------------------------- learned mode
+
+
+def test_fit_learned(teacher: nn.Module, trusted: ImageDataset, tmp_path: Path) -> None:
+    model = copy.deepcopy(teacher)
+    first = next(model.parameters())
+    first.requires_grad_(False)  # a mixed pattern, to be restored as it was
+    grads = [p.requires_grad for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tau = 0.05
+    detox = fit_learned(model, trusted.subset(range(200)), tau=tau, epochs=1, lr=0.05)
+    assert detox.mode == "learned" and detox.names == ["block1", "block2", "block3"]
+    assert not detox.training
+    for _, d in detox.items():
+        assert isinstance(d, LearnedDetox)
+        assert bool((d.m >= 0).all() and (d.m <= tau).all())
+        assert not torch.allclose(d.m, torch.full_like(d.m, tau / 2))  # it learned
+    # the large step drives some masks to the bounds: the projection is what keeps them in
+    all_m = torch.cat([d.m.detach().flatten() for _, d in detox.items()])
+    assert bool((all_m == tau).any() or (all_m == 0).any())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert _no_hooks(model)
+    with detox.attach(model):
+        detoxed = _logits(model)
+    assert not torch.allclose(detoxed, _logits(model))
+    # save/load round trip
+    loaded = Detoxifier.load(detox.save(tmp_path / "learned.safetensors"))
+    assert loaded.mode == "learned"
+    for (_, a), (_, b) in zip(detox.items(), loaded.items(), strict=True):
+        assert b.tau == tau and torch.equal(a.m, b.m) and torch.equal(a.p, b.p)
+    with loaded.attach(model):
+        assert torch.equal(_logits(model), detoxed)
+
+
+def test_fit_learned_errors(teacher: nn.Module, trusted: ImageDataset) -> None:
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError):
+            fit_learned(teacher, trusted, tau=bad, epochs=1)
+    with pytest.raises(ConfigError):
+        fit_learned(teacher, trusted.subset([]), epochs=1)
