@@ -38,7 +38,7 @@ browser:
 	fi
 
 run: setup
-	$(VENV)/bin/streamlit run app/main.py --server.port $(PORT)
+	$(PY) -m streamlit run app/main.py --server.port $(PORT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

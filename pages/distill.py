@@ -12,7 +12,7 @@ from robustkd.errors import RobustKDError
 from robustkd.figures import run_curves
 from robustkd.models import model_names
 from robustkd.presets import preset_names
-from robustkd.runs import Run, list_runs, progress_fraction, refresh_state
+from robustkd.runs import ACTIVE_STATES, Run, list_runs, progress_fraction, refresh_state
 from robustkd.scenarios import SCENARIOS
 
 st.title("Detox & distil")
@@ -78,11 +78,12 @@ watched_id = st.selectbox("Watch run", ids, index=ids.index(watch) if watch in i
 st.session_state["watch_run"] = watched_id
 
 
-@st.fragment(run_every=2)
-def live_panel(run_id: str) -> None:
+def live_panel(run_id: str, was_active: bool) -> None:
     run = Run.open(runs_root(), run_id)
     status = refresh_state(run)
     state = status.get("state")
+    if was_active and state not in ACTIVE_STATES:
+        st.rerun()  # the run just ended: redraw the page once, then stop polling
     label = f"{state} · {status.get('phase') or ''} · epoch {status.get('epoch') or 0}"
     label += f"/{status.get('epochs') or '?'}"
     if status.get("eta_seconds") is not None and state == "running":
@@ -105,7 +106,9 @@ def live_panel(run_id: str) -> None:
         st.markdown(report_markdown(report))
 
 
-live_panel(watched_id)
+# Poll every 2 s while the run is going; a finished run is drawn once and left alone.
+active = refresh_state(Run.open(runs_root(), watched_id)).get("state") in ACTIVE_STATES
+st.fragment(live_panel, run_every=2 if active else None)(watched_id, active)
 
 st.subheader("All runs")
 st.dataframe(

@@ -6,7 +6,6 @@ under test-artifacts/; any Streamlit exception or Python traceback on a page fai
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -42,7 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Iter
     env = {**os.environ, "ROBUSTKD_TEACHER": str(tiny_teacher), "ROBUSTKD_RUNS": str(runs)}
     log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"),
+        [sys.executable, "-m", "streamlit", "run", "app/main.py",  # as `make run` does
          "--server.port", str(port), "--server.address", "127.0.0.1",
          "--server.headless", "true", "--browser.gatherUsageStats", "false"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -101,6 +100,18 @@ def _goto(page, title: str) -> None:
     _settle(page)
 
 
+def _slider(page, label: str, key: str) -> None:
+    """Move a Streamlit slider with the keyboard (as a user tabbing to it would)."""
+    block = page.locator('[data-testid="stSlider"]').filter(has_text=label).first
+    thumb = block.locator('input[type="range"], [role="slider"]').first
+    thumb.focus()
+    thumb.press(key)
+
+
+def _metric(page, label: str) -> str:
+    return page.locator('[data-testid="stMetric"]').filter(has_text=label).first.inner_text()
+
+
 def test_newcomer_journey(server: str, browser_page) -> None:
     page = browser_page
     page.goto(server)
@@ -108,6 +119,28 @@ def test_newcomer_journey(server: str, browser_page) -> None:
     _settle(page)
     page.wait_for_selector("text=Measured now")
     _check(page, "1-teacher")
+
+    _goto(page, "Triggers")
+    page.wait_for_selector("text=/flipped to class/")
+    before = page.inner_text("body")
+    _slider(page, "Patch size", "ArrowRight")  # stamp a bigger patch
+    page.wait_for_function("b => document.body.innerText !== b", arg=before, timeout=60_000)
+    _settle(page)
+    _check(page, "2-triggers")
+
+    _goto(page, "Feature variance")
+    page.wait_for_selector("text=Flagged units")
+    before = _metric(page, "Flagged units")
+    _slider(page, "Variance threshold (log scale)", "Home")  # the lowest threshold
+    page.wait_for_function(
+        "([label, b]) => { const m = [...document.querySelectorAll('[data-testid=stMetric]')]"
+        ".find(e => e.innerText.includes(label)); return m && !m.innerText.includes(b); }",
+        arg=["Flagged units", before],
+        timeout=60_000,
+    )
+    _settle(page)
+    assert _metric(page, "Flagged units") != before
+    _check(page, "3-variance")
 
     _goto(page, "Detox & distil")
     for label, value in (("Epochs", "1"), ("Distillation images", "300"),
@@ -120,6 +153,18 @@ def test_newcomer_journey(server: str, browser_page) -> None:
     while time.time() < deadline and not page.locator("text=/done ·/").count():
         page.wait_for_timeout(1000)
     assert page.locator("text=/done ·/").count(), "the launched run did not finish"
-    body = page.inner_text("body")
-    assert re.search(r"robustkd", body)
+    # the report table's rows
+    page.wait_for_function(
+        "() => /\\nrobustkd\\t/.test(document.body.innerText)"
+        " && /\\nfeature-kd\\t/.test(document.body.innerText)",
+        timeout=30_000,
+    )
     _check(page, "5-distil")
+
+    _goto(page, "Compare")
+    page.wait_for_selector('[data-testid="stPlotlyChart"]')
+    _settle(page)
+    body = page.inner_text("body")
+    assert "robustkd" in body and "feature-kd" in body
+    assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2
+    _check(page, "6-compare")
