@@ -317,7 +317,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     if trigger is not None and target is None:
         raise ConfigError("This checkpoint records no target class; pass --target N.")
     mode = meta.get("attack_mode") or "all-to-one"
-    result = evaluate(model, data, trigger, target if trigger else None, mode, device=args.device)
+    from tqdm import tqdm
+
+    from robustkd.metrics import backdoor_targets
+
+    total = len(data)  # clean images, then the triggered ones whose class is not the target
+    if trigger is not None:
+        targets = backdoor_targets(data.labels, target, mode, data.num_classes)
+        total += int((data.labels != targets).sum())
+    with tqdm(
+        total=total,
+        unit="img",
+        desc="evaluating",
+        disable=args.quiet or args.json,
+        dynamic_ncols=True,
+    ) as bar:
+        result = evaluate(
+            model,
+            data,
+            trigger,
+            target if trigger else None,
+            mode,
+            device=args.device,
+            on_batch=bar.update,
+        )
     if args.json:
         out = {
             "model": str(args.model),

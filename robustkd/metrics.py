@@ -7,7 +7,7 @@ the target class would count as "successes" without any backdoor).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ def predict(
     batch_size: int = 1000,
     device: torch.device | str | None = None,
     return_probs: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Class predictions (or softmax probabilities) for uint8 or [0, 1] float images."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -43,6 +44,8 @@ def predict(
                 x = trigger.apply(x)
             logits = model(normalize(x, mean, std)).float()
             outputs.append(logits.softmax(1).cpu() if return_probs else logits.argmax(1).cpu())
+            if on_batch is not None:
+                on_batch(int(x.shape[0]))
     finally:
         model.train(was_training)
     if not outputs:
@@ -92,10 +95,20 @@ def evaluate(
     mode: str = "all-to-one",
     batch_size: int = 1000,
     device: torch.device | str | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """ACC on ``dataset`` and, with a trigger and target, ASR on its triggered images."""
     k = dataset.num_classes
-    preds = predict(model, dataset.images, dataset.mean, dataset.std, None, batch_size, device)
+    preds = predict(
+        model,
+        dataset.images,
+        dataset.mean,
+        dataset.std,
+        None,
+        batch_size,
+        device,
+        on_batch=on_batch,
+    )
     labels = dataset.labels.cpu()
     confusion = confusion_matrix(preds, labels, k)
     n_correct = int((preds == labels).sum())
@@ -110,7 +123,9 @@ def evaluate(
         keep = labels != targets  # images already of the target class say nothing
         idx = torch.nonzero(keep).flatten()
         sub = dataset.images[idx.to(dataset.images.device)]
-        trig_preds = predict(model, sub, dataset.mean, dataset.std, trigger, batch_size, device)
+        trig_preds = predict(
+            model, sub, dataset.mean, dataset.std, trigger, batch_size, device, on_batch=on_batch
+        )
         n_trig = int(idx.numel())
         n_hit = int((trig_preds == targets[idx]).sum())
         asr = n_hit / n_trig if n_trig else 0.0
