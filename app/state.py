@@ -45,6 +45,10 @@ def load_model(
     """A checkpoint's model and metadata, cached per file version."""
     model, meta = load_checkpoint(path, architecture=arch, num_classes=num_classes)
     meta.setdefault("dataset", "fashion-mnist")
+    if not meta.get("classes"):  # a bare state dict: name the classes after its data set
+        classes = load_split(meta["dataset"]).classes
+        k = meta.get("model_args", {}).get("num_classes", len(classes))
+        meta["classes"] = list(classes) if k == len(classes) else [str(i) for i in range(k)]
     return model.eval(), meta
 
 
@@ -67,6 +71,13 @@ def current_teacher() -> tuple[torch.nn.Module, dict[str, Any]]:
 def test_set_for(meta: dict[str, Any], split: str = "test") -> ImageDataset:
     """A split of the teacher's data, normalised as the teacher expects."""
     data = load_split(meta.get("dataset") or "fashion-mnist", split)
+    k = meta.get("model_args", {}).get("num_classes", data.num_classes)
+    shape = tuple(meta.get("input_shape") or data.input_shape)
+    if k != data.num_classes or shape != data.input_shape:
+        raise RobustKDError(
+            f"This model takes {shape} inputs with {k} classes but {data.name} has "
+            f"{data.input_shape} images in {data.num_classes} classes; pick a model for this data."
+        )
     norm = meta.get("normalization")
     return data.replace(mean=tuple(norm["mean"]), std=tuple(norm["std"])) if norm else data
 
@@ -137,7 +148,8 @@ def pick_teacher() -> None:
                 args = (
                     {} if arch == "from metadata" else {"arch": arch, "num_classes": int(classes)}
                 )
-                load_model(str(path), path.stat().st_mtime, **args)  # validates before switching
+                _, meta = load_model(str(path), path.stat().st_mtime, **args)
+                test_set_for(meta)  # validates before switching: nothing in use is lost
             except RobustKDError as exc:
                 show_error(exc)
                 return

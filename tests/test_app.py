@@ -47,3 +47,70 @@ def test_missing_teacher_is_one_message(monkeypatch: pytest.MonkeyPatch, tmp_pat
     at.run()
     assert not at.exception
     assert any("make teacher" in e.value for e in at.error)
+
+
+def _use_upload(
+    at: AppTest, name: str, content: bytes, arch: str = "from metadata", classes: int = 10
+) -> None:
+    at.sidebar.radio(key="teacher_src").set_value("Upload").run()
+    at.sidebar.file_uploader(key="teacher_upload").upload(name, content)
+    at.sidebar.selectbox(key="teacher_arch").set_value(arch)
+    at.sidebar.number_input(key="teacher_classes").set_value(classes)
+    at.run()
+    at.sidebar.button(key="teacher_use").click().run()
+
+
+def test_uploading_junk_keeps_the_current_teacher(
+    app: AppTest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROBUSTKD_RUNS", str(tmp_path / "runs"))
+    app.run()
+    _use_upload(app, "model.safetensors", b"GIF89a this is not a model")
+    assert not app.exception
+    assert any("not a checkpoint" in e.value for e in app.sidebar.error)
+    assert _metric(app, "Architecture") == "small-cnn-student"  # nothing was lost
+    assert (tmp_path / "runs" / "uploads" / "model.safetensors").exists()  # kept, not dropped
+
+
+def test_uploading_a_state_dict_switches_the_teacher(
+    app: AppTest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import torch
+
+    from robustkd.models import create_model
+
+    monkeypatch.setenv("ROBUSTKD_RUNS", str(tmp_path / "runs"))
+    buf = io.BytesIO()
+    torch.save(create_model("small-cnn").state_dict(), buf)
+    app.run()
+    _use_upload(app, "other.pt", buf.getvalue(), arch="small-cnn")
+    assert not app.exception
+    assert any("Now using other.pt" in s.value for s in app.sidebar.success)
+    app.run()
+    assert _metric(app, "Architecture") == "small-cnn"
+    wrong = io.BytesIO()
+    torch.save(create_model("small-cnn").state_dict(), wrong)
+    _use_upload(app, "wrong.pt", wrong.getvalue(), arch="small-cnn-student")
+    assert any("does not fit architecture" in e.value for e in app.sidebar.error)
+    assert _metric(app, "Architecture") == "small-cnn"  # the last good teacher stays
+
+
+def test_uploading_a_model_for_other_data_is_refused(
+    app: AppTest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    import torch
+
+    from robustkd.models import create_model
+
+    monkeypatch.setenv("ROBUSTKD_RUNS", str(tmp_path / "runs"))
+    buf = io.BytesIO()
+    torch.save(create_model("small-cnn", num_classes=100).state_dict(), buf)
+    app.run()
+    _use_upload(app, "cifar100.pt", buf.getvalue(), arch="small-cnn", classes=100)
+    assert not app.exception
+    assert any("100 classes" in e.value for e in app.sidebar.error)
+    assert _metric(app, "Architecture") == "small-cnn-student"
