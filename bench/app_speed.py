@@ -1,0 +1,145 @@
+"""Dashboard speed on the shipped teacher, in Debian's Chromium driven by Playwright.
+
+    python -m bench.app_speed [--repeats 5]
+
+Measures: first page rendered after the server is healthy; switching pages; the Feature
+variance slider's round trip (key press in the browser → updated preview). Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DONE = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("the server did not become healthy")
+
+
+def _metric(page, label: str) -> str:  # noqa: ANN001
+    return page.locator('[data-testid="stMetric"]').filter(has_text=label).first.inner_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from playwright.sync_api import sync_playwright
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "ROBUSTKD_RUNS": tempfile.mkdtemp(prefix="robustkd-bench-")}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app/main.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rows: list[tuple[str, float, str]] = []
+    try:
+        _wait_healthy(url)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(120_000)
+            t = time.perf_counter()
+            page.goto(url)
+            page.wait_for_selector("text=Measured now")
+            page.wait_for_function(DONE)
+            rows.append(("first page (Teacher) after healthy", time.perf_counter() - t, "s"))
+
+            nav = page.locator('[data-testid="stSidebarNav"] a')
+            switches = []
+            for _ in range(args.repeats):
+                for title in ("Compare", "Teacher"):
+                    t = time.perf_counter()
+                    nav.filter(has_text=title).first.click()
+                    page.wait_for_selector(f"h1:has-text('{title}')")
+                    page.wait_for_function(DONE)
+                    switches.append(time.perf_counter() - t)
+            rows.append(("page switch (median)", statistics.median(switches), "s"))
+
+            nav.filter(has_text="Feature variance").first.click()
+            page.wait_for_selector("text=Flagged units")
+            page.wait_for_function(DONE)
+            thumb = (
+                page.locator('[data-testid="stSlider"]')
+                .filter(has_text="Variance threshold")
+                .first.locator('input[type="range"], [role="slider"]')
+                .first
+            )
+            trips = []
+            for i in range(2 * args.repeats):
+                before = _metric(page, "Flagged units")
+                thumb.focus()
+                t = time.perf_counter()
+                thumb.press("ArrowRight" if i % 2 == 0 else "ArrowLeft")
+                page.wait_for_function(
+                    "([b]) => { const m = [...document.querySelectorAll('[data-testid=stMetric]')]"
+                    ".find(e => e.innerText.includes('Flagged units'));"
+                    " return m && m.innerText !== b; }",
+                    arg=[before],
+                )
+                page.wait_for_function(DONE)
+                trips.append(time.perf_counter() - t)
+            rows.append(("threshold slider round trip (median)", statistics.median(trips), "s"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+    print("| measurement | value |")
+    print("| --- | --- |")
+    for name, value, unit in rows:
+        print(f"| {name} | {value:.2f} {unit} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
