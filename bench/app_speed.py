@@ -50,7 +50,7 @@ def _wait_healthy(url: str, timeout: float = 90) -> None:
     raise SystemExit("the server did not become healthy")
 
 
-def _metric(page, label: str) -> str:  # noqa: ANN001
+def _metric(page, label: str) -> str:
     return page.locator('[data-testid="stMetric"]').filter(has_text=label).first.inner_text()
 
 
