@@ -112,6 +112,12 @@ def load_checkpoint(
         args["image_size"] = image_size
     if "image_size" in args and isinstance(args["image_size"], list):
         args["image_size"] = tuple(args["image_size"])
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{Path(path).name} holds NaN or infinite weights (in {', '.join(bad[:3])}"
+            f"{' …' if len(bad) > 3 else ''}); it is broken, use another checkpoint."
+        )
     model = create_model(arch, **args)
     check_fits(model, state, arch, args.get("num_classes", 10), Path(path).name)
     model.load_state_dict(state)
