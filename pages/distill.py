@@ -12,7 +12,14 @@ from robustkd.errors import RobustKDError
 from robustkd.figures import run_curves
 from robustkd.models import model_names
 from robustkd.presets import preset_names
-from robustkd.runs import ACTIVE_STATES, Run, list_runs, progress_fraction, refresh_state
+from robustkd.runs import (
+    ACTIVE_STATES,
+    Run,
+    launch_worker,
+    list_runs,
+    progress_fraction,
+    refresh_state,
+)
 from robustkd.scenarios import SCENARIOS
 
 st.title("Detox & distil")
@@ -98,6 +105,10 @@ def live_panel(run_id: str, was_active: bool) -> None:
             st.code(run.log_tail(4000) or "(empty)")
     if state == "cancelled":
         st.warning("The run was cancelled; the methods it finished are kept below.")
+    if state in ("failed", "cancelled") and st.button("Resume", key=f"resume-{run_id}"):
+        launch_worker(["resume", run_id, "--quiet"], run)
+        st.success("Resuming: finished methods are kept, the interrupted one continues.")
+        st.rerun()
     records = run.metrics()
     if records:
         st.plotly_chart(run_curves(records), key=f"curves-{run_id}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         _distill_options(p, verb)
 
     p = sub.add_parser(
+        "resume",
+        help="continue a failed or cancelled run from its last saved epoch",
+        description="Continue a run that was killed, crashed or was cancelled: the methods it "
+        "finished are kept and the interrupted one continues from its last saved epoch.",
+    )
+    p.add_argument("run_id", help="the run's id (see 'robustkd runs')")
+    p.add_argument("--root", help="runs folder (default $ROBUSTKD_RUNS or ./runs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
         "runs",
         help="list run folders and their status",
         description="List the runs in the runs folder, newest first.",
@@ -182,11 +193,14 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--data-root", help="folder holding the data")
     p.add_argument("--out", help="run folder to create (default: a new one under ./runs)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # a run folder created by the app's launcher
+    p.add_argument("--continue-run", action="store_true", help=argparse.SUPPRESS)  # by `resume`
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return {
             "train-teacher": _train_teacher,
@@ -196,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "distill": _distill,
             "compare": _distill,
             "runs": _runs,
+            "resume": _resume,
         }[args.verb](args)
     except RobustKDError as exc:
         print(f"robustkd: error: {exc}", file=sys.stderr)
@@ -471,6 +486,7 @@ def _distill(args: argparse.Namespace) -> int:
     )
     command = "robustkd " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("robustkd") else ""
     full_config = {
+        "argv": [a for a in args.argv if a != "--quiet"],
         "verb": args.verb,
         "teacher": str(teacher_path),
         "methods": methods,
@@ -479,6 +495,8 @@ def _distill(args: argparse.Namespace) -> int:
     }
     if args.run:
         run = Run.open(None, args.run)
+        if args.continue_run:
+            run.update_status(message="")
     elif args.out:
         out = Path(args.out)
         run = Run.create(out.parent, args.verb, full_config, run_id=out.name)
@@ -495,7 +513,17 @@ def _distill(args: argparse.Namespace) -> int:
         return RunProgress(run, phase=method, inner=bar)
 
     try:
-        report = compare(teacher, meta, scenario, methods, config, run, progress_for, command)
+        report = compare(
+            teacher,
+            meta,
+            scenario,
+            methods,
+            config,
+            run,
+            progress_for,
+            command,
+            resume=args.continue_run,
+        )
     except RunCancelled:
         run.mark_cancelled()
         print(f"cancelled; partial results in {run.path}", file=sys.stderr)
@@ -527,6 +555,32 @@ _METHOD_ORDER = [
     "fine-tuning",
     "fine-pruning",
 ]
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from robustkd.runs import ACTIVE_STATES, RUNS_ENV, Run, default_runs_root, refresh_state
+
+    root = Path(args.root) if args.root else default_runs_root()
+    run = Run.open(root, args.run_id)
+    state = refresh_state(run).get("state")
+    if state in ACTIVE_STATES:
+        raise ConfigError(f"Run {run.id} is still {state}; wait for it or cancel it first.")
+    if state == "done":
+        raise ConfigError(f"Run {run.id} is already done; nothing to resume.")
+    saved = run.config.get("argv")
+    if not saved or saved[0] not in ("distill", "compare"):
+        raise ConfigError(f"Run {run.id} was not started by distill or compare; it cannot resume.")
+    argv, skip = [], False
+    for a in saved:  # drop where the first attempt wrote: this one continues in place
+        if skip:
+            skip = False
+        elif a in ("--out", "--run"):
+            skip = True
+        else:
+            argv.append(a)
+    os.environ[RUNS_ENV] = str(root.resolve())
+    argv += ["--run", run.id, "--continue-run"] + (["--quiet"] if args.quiet else [])
+    return main(argv)
 
 
 def _runs(args: argparse.Namespace) -> int:

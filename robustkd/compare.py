@@ -63,8 +63,14 @@ def compare(
     run: Run,
     progress_for: Callable[[str], ProgressFn | None] | None = None,
     command: str = "",
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run ``methods`` one after the other; the report is rewritten after each one."""
+    """Run ``methods`` one after the other; the report is rewritten after each one.
+
+    Every training phase saves its state in the run's checkpoints/ after each epoch; with
+    ``resume`` the methods already in the run's report are kept and the interrupted one
+    continues from its last saved epoch.
+    """
     for m in methods:
         METHODS.get(m)
     config.validate()
@@ -79,10 +85,23 @@ def compare(
         "robustkd": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+    previous = (run.report() or {}).get("methods", {}) if resume else {}
     shared: dict[str, Any] = {}
     for method in methods:
+        if method in previous:  # finished before the interruption
+            report["methods"][method] = previous[method]
+            continue
         progress = progress_for(method) if progress_for else None
-        result = run_method(method, teacher, teacher_meta, scenario, config, progress, shared)
+        result = run_method(
+            method,
+            teacher,
+            teacher_meta,
+            scenario,
+            config,
+            progress,
+            shared,
+            state_dir=run.checkpoints_dir,
+        )
         row = {**result.metrics, "history": result.history}
         ckpt = run.checkpoint_path(f"{method}.safetensors")
         save_checkpoint(
@@ -110,6 +129,8 @@ def compare(
         report["methods"][method] = row
         _add_der(report)
         write_report(run.path, report)
+        for state in run.checkpoints_dir.glob(f"{method}*.state.pt"):  # done: not needed again
+            state.unlink()
     return report
 
 

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -240,6 +241,7 @@ def distill_student(
     nad_weight: float = 0.0,
     noise_rate: float = 0.0,
     progress: ProgressFn | None = None,
+    state_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``student`` on the scenario's distillation set against ``teacher``.
 
@@ -319,6 +321,8 @@ def distill_student(
             loss_fn=loss_fn,
             evaluate=_evaluator(scenario, config.eval_size),
             progress=progress,
+            state_path=state_path,
+            resume=state_path is not None,
         )
     return result.history
 
@@ -329,13 +333,20 @@ def fine_tune(
     config: DistillConfig,
     scenario: Scenario,
     progress: ProgressFn | None = None,
+    state_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place on the defender's trusted clean set."""
     cfg = config.train_config(
         epochs=config.finetune_epochs, lr=config.finetune_lr, batch_size=min(config.batch_size, 64)
     )
     return train_model(
-        model, data, cfg, evaluate=_evaluator(scenario, config.eval_size), progress=progress
+        model,
+        data,
+        cfg,
+        evaluate=_evaluator(scenario, config.eval_size),
+        progress=progress,
+        state_path=state_path,
+        resume=state_path is not None,
     ).history
 
 
@@ -364,6 +375,7 @@ def fine_prune(
     scenario: Scenario,
     config: DistillConfig,
     progress: ProgressFn | None = None,
+    state_path: Path | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]], int]:
     """Fine-pruning (Liu et al. 2018): prune the last stage's least active channels while the
     clean validation ACC drops by at most ``prune_max_acc_drop``, then fine-tune.
@@ -405,7 +417,7 @@ def fine_prune(
     keep = torch.ones(channels)
     keep[order[:pruned]] = 0
     mask.keep.copy_(keep)
-    history = fine_tune(model, scenario.trusted, config, scenario, progress)
+    history = fine_tune(model, scenario.trusted, config, scenario, progress, state_path)
     # Fold the mask into the classifier so the saved weights are the pruned model: with a
     # global-pooling + linear head, a zero input column is exactly a removed channel.
     heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features == channels]
@@ -429,11 +441,18 @@ def run_method(
     config: DistillConfig,
     progress: ProgressFn | None = None,
     shared: dict[str, Any] | None = None,
+    state_dir: Path | None = None,
 ) -> MethodResult:
     """Run one method on ``scenario`` and measure the result on its test set.
 
-    ``shared`` caches what several methods reuse (the threshold fit) within one comparison.
+    ``shared`` caches what several methods reuse (the threshold fit) within one comparison;
+    with ``state_dir`` every training phase saves its state after each epoch there and
+    continues from it when called again (resuming a killed run).
     """
+
+    def state(phase: str) -> Path | None:
+        return state_dir / f"{method}{phase}.state.pt" if state_dir is not None else None
+
     METHODS.get(method)
     config.validate()
     shared = {} if shared is None else shared
@@ -444,9 +463,9 @@ def run_method(
     if method in ("fine-tuning", "fine-pruning"):
         if method == "fine-tuning":
             model = copy.deepcopy(teacher)
-            history = fine_tune(model, scenario.trusted, config, scenario, progress)
+            history = fine_tune(model, scenario.trusted, config, scenario, progress, state(""))
         else:
-            model, history, pruned = fine_prune(teacher, scenario, config, progress)
+            model, history, pruned = fine_prune(teacher, scenario, config, progress, state(""))
             extra["pruned_channels"] = pruned
     else:
         student = _student_for(teacher, scenario, config, teacher_meta)
@@ -499,11 +518,13 @@ def run_method(
         elif method == "nad":
             if "nad_teacher" not in shared:
                 tuned = copy.deepcopy(teacher)
-                fine_tune(tuned, scenario.trusted, config, scenario)
+                fine_tune(tuned, scenario.trusted, config, scenario, state_path=state("-teacher"))
                 shared["nad_teacher"] = tuned.eval()
             teacher = shared["nad_teacher"]
             kw = {"nad_weight": config.nad_weight}
-        history = distill_student(teacher, student, scenario, config, progress=progress, **kw)
+        history = distill_student(
+            teacher, student, scenario, config, progress=progress, state_path=state(""), **kw
+        )
     metrics = _final_metrics(model, scenario, method, config)
     metrics.update(extra)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
