@@ -50,10 +50,6 @@ def _wait_healthy(url: str, timeout: float = 90) -> None:
     raise SystemExit("the server did not become healthy")
 
 
-def _metric(page, label: str) -> str:
-    return page.locator('[data-testid="stMetric"]').filter(has_text=label).first.inner_text()
-
-
 def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
@@ -115,16 +111,18 @@ def main(argv: list[str] | None = None) -> int:
                 .first.locator('input[type="range"], [role="slider"]')
                 .first
             )
+            caption = page.locator('[data-testid="stCaptionContainer"]').filter(
+                has_text="Flagged at threshold"
+            )
             trips = []
             for i in range(2 * args.repeats):
-                before = _metric(page, "Flagged units")
+                before = caption.first.inner_text()  # names the threshold: changes every step
                 thumb.focus()
                 t = time.perf_counter()
                 thumb.press("ArrowRight" if i % 2 == 0 else "ArrowLeft")
                 page.wait_for_function(
-                    "([b]) => { const m = [...document.querySelectorAll('[data-testid=stMetric]')]"
-                    ".find(e => e.innerText.includes('Flagged units'));"
-                    " return m && m.innerText !== b; }",
+                    "([b]) => [...document.querySelectorAll('[data-testid=stCaptionContainer]')]"
+                    ".some(e => e.innerText.includes('Flagged at threshold') && e.innerText !== b)",
                     arg=[before],
                 )
                 page.wait_for_function(DONE)

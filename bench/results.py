@@ -43,6 +43,11 @@ EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
         ["--methods", "robustkd", "--trusted-size", "500"],
         "BadNets, untrusted, 10 %, trusted 500",
     ),
+    "teacher-train-drop": (
+        "badnets",
+        ["--methods", "robustkd", "--scenario", "teacher-train", "--screen-policy", "drop"],
+        "BadNets, the teacher's own poisoned training set, screened samples dropped",
+    ),
     "teacher-train": (
         "badnets",
         ["--methods", CORE, "--scenario", "teacher-train"],

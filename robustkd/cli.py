@@ -186,6 +186,11 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--threshold", type=float, help="variance-score threshold (default: auto)")
     p.add_argument("--granularity", choices=["unit", "channel"])
     p.add_argument("--no-screen", action="store_true", help="do not screen samples")
+    p.add_argument(
+        "--screen-policy",
+        choices=["ce-only", "drop"],
+        help="what screened samples get: cross-entropy only (default) or nothing",
+    )
     p.add_argument("--tau", type=float, help="upper clamp of the learned detox mask")
     p.add_argument("--noise-rate", type=float, help="salt-and-pepper rate on the student input")
     p.add_argument("--seed", type=int)
@@ -456,6 +461,7 @@ def _distill(args: argparse.Namespace) -> int:
         "noise_rate",
         "seed",
         "device",
+        "screen_policy",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
