@@ -47,9 +47,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     status = _wait(
         run,
         lambda s: (
-            (s.get("phase") == "robustkd"
-            and (s.get("epoch") or 0) >= 2
-            and (s.get("step") or 0) >= 5)
+            (
+                s.get("phase") == "robustkd"
+                and (s.get("epoch") or 0) >= 2
+                and (s.get("step") or 0) >= 5
+            )
             or s.get("state") in ("done", "failed")
         ),
     )
