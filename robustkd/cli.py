@@ -6,6 +6,7 @@ A user's mistake ends with one sentence on stderr and exit code 2, never a trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -223,6 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("robustkd: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine, not the user's input: full disk, unwritable folder
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(
+            f"robustkd: error: cannot read or write{where} ({exc.strerror or exc}); free some "
+            "disk space or choose a writable folder.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 # --------------------------------------------------------------------------- verbs
@@ -538,7 +547,8 @@ def _distill(args: argparse.Namespace) -> int:
         run.fail(str(exc))
         raise
     except BaseException as exc:
-        run.fail(f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(OSError):  # on a full disk even the failure may not be written
+            run.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if bars:

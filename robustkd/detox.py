@@ -452,13 +452,13 @@ class DetoxPreview:
             parts = [self.clean] + ([self.triggered] if self.triggered is not None else [])
             acts = torch.cat(parts)
             if acts.dim() == 4:  # oneDNN convolutions run faster on channels_last on CPU
+                # (only the activations: the tail's weights are the teacher's own, shared with
+                # every other user of the model, and stay as they are)
                 acts = acts.contiguous(memory_format=torch.channels_last)
-                if self.tail is not None:
-                    self.tail.to(memory_format=torch.channels_last)
             self._acts = acts
         return self._acts
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _predict(self, detox: ThresholdDetox) -> torch.Tensor:
         """Predictions for every cached image (clean first, then triggered)."""
         acts = self._stack()

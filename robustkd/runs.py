@@ -244,6 +244,16 @@ class Run:
         if run_id is not None:
             validate_name(run_id)
         root = default_runs_root() if root is None else Path(root)
+        try:
+            return cls._create(root, kind, config, run_id)
+        except OSError as exc:  # unwritable folder, full disk, a file where a folder should be
+            raise RobustKDError(
+                f"Cannot write a run folder in {root} ({exc.strerror or exc}); choose a writable "
+                f"folder with free space (--out, or ${RUNS_ENV})."
+            ) from exc
+
+    @classmethod
+    def _create(cls, root: Path, kind: str, config: Mapping[str, Any], run_id: str | None) -> Run:
         root.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
             name = run_id or (f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{kind}-{secrets.token_hex(3)}")
