@@ -36,6 +36,7 @@ from robustkd.features import (
     LayerStats,
     capture,
     feature_stats,
+    layer_outputs,
     resolve_layers,
     variance_score,
 )
@@ -290,28 +291,15 @@ class SampleScreen:
         if not self.active:
             return torch.zeros(len(data))
         names = [n for n, m in self.masks.items() if m.any()]
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
+        count = sum(int(self.masks[n].sum()) for n in names)
         out_scores = []
-        try:
-            with capture(model, names) as out:
-                for images, _ in data.batches(batch_size):
-                    x = to_float(images.to(device))
-                    if trigger is not None:
-                        x = trigger.apply(x)
-                    model(normalize(x, data.mean, data.std))
-                    total = torch.zeros(images.shape[0])
-                    count = 0
-                    for n in names:
-                        m = self.masks[n]
-                        a = out[n].float().cpu()[:, m]
-                        z = (a - self.means[n][m]) / self.stds[n][m]
-                        total += (z**2).sum(1)
-                        count += int(m.sum())
-                    out_scores.append(total / count)
-        finally:
-            model.train(was_training)
+        for out in layer_outputs(model, data, names, trigger, batch_size):
+            total = 0.0
+            for n in names:
+                m = self.masks[n]
+                z = (out[n].float().cpu()[:, m] - self.means[n][m]) / self.stds[n][m]
+                total = total + (z**2).sum(1)
+            out_scores.append(total / count)
         return torch.cat(out_scores)
 
     def flags(self, model: nn.Module, data: ImageDataset) -> torch.Tensor:

@@ -32,7 +32,13 @@ from torch import nn
 
 from robustkd.data import ImageDataset, normalize
 from robustkd.detox import Detoxifier, fit_learned, fit_screen, fit_threshold
-from robustkd.engine import ProgressFn, TrainConfig, seed_everything, train_model
+from robustkd.engine import (
+    ProgressFn,
+    TrainConfig,
+    check_options,
+    seed_everything,
+    train_model,
+)
 from robustkd.errors import ConfigError
 from robustkd.features import capture, resolve_layers
 from robustkd.losses import FeatureDistiller, logit_kd_loss, nad_loss, salt_and_pepper
@@ -129,13 +135,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DistillConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown distillation option(s) {', '.join(unknown)}; "
-                f"valid: {', '.join(sorted(known))}."
-            )
+        check_options(cls, values, "distillation")
         return cls(**values)
 
 

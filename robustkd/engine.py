@@ -77,14 +77,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown training option(s) {', '.join(unknown)}; "
-                f"valid: {', '.join(sorted(known))}."
-            )
+        check_options(cls, values, "training")
         return cls(**values)
+
+
+def check_options(cls: type, values: dict[str, Any], what: str) -> None:
+    """Refuse keys that are not fields of the config dataclass ``cls``, naming the valid ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown {what} option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}."
+        )
 
 
 @dataclasses.dataclass

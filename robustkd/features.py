@@ -72,6 +72,37 @@ def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch
             h.remove()
 
 
+@torch.no_grad()
+def layer_outputs(
+    model: nn.Module,
+    data: ImageDataset,
+    layers: Sequence[str],
+    trigger: Trigger | None = None,
+    batch_size: int = 500,
+    device: torch.device | str | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield, batch by batch, the outputs of ``layers`` on ``data`` (triggered if asked).
+
+    The model runs in eval mode and gets its previous mode back afterwards. ``layers`` must
+    already be valid names (see ``resolve_layers``).
+    """
+    if len(data) == 0:
+        raise ConfigError(f"The image set {data.name!r} is empty; give it at least one image.")
+    device = torch.device(device) if device else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with capture(model, layers) as out:
+            for images, _ in data.batches(batch_size):
+                x = to_float(images.to(device))
+                if trigger is not None:
+                    x = trigger.apply(x)
+                model(normalize(x, data.mean, data.std))
+                yield out
+    finally:
+        model.train(was_training)
+
+
 # --------------------------------------------------------------------------- streaming moments
 
 
@@ -155,27 +186,14 @@ def feature_stats(
 ) -> dict[str, LayerStats]:
     """Per-layer statistics of ``model`` on ``data`` (triggered when ``trigger`` is given)."""
     names = resolve_layers(model, layers)
-    if len(data) == 0:
-        raise ConfigError(f"The image set {data.name!r} is empty; give at least one image.")
-    device = torch.device(device) if device else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     chan = {n: RunningMoments() for n in names}
     unit = {n: RunningMoments() for n in names}
-    try:
-        with capture(model, names) as out:
-            for images, _ in data.batches(batch_size):
-                x = to_float(images.to(device))
-                if trigger is not None:
-                    x = trigger.apply(x)
-                model(normalize(x, data.mean, data.std))
-                for n in names:
-                    a = out[n].float()
-                    chan[n].update(_pool(a))
-                    if per_unit:
-                        unit[n].update(a)
-    finally:
-        model.train(was_training)
+    for out in layer_outputs(model, data, names, trigger, batch_size, device):
+        for n in names:
+            a = out[n].float()
+            chan[n].update(_pool(a))
+            if per_unit:
+                unit[n].update(a)
     result = {}
     for n in names:
         result[n] = LayerStats(
@@ -200,22 +218,10 @@ def activations(
 ) -> torch.Tensor:
     """All of ``layer``'s activations on ``data``, ``(N, C, H, W)`` float32 on the CPU."""
     (name,) = resolve_layers(model, [layer])
-    if len(data) == 0:
-        raise ConfigError(f"The image set {data.name!r} is empty; give it at least one image.")
-    device = torch.device(device) if device else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        with capture(model, [name]) as out:
-            for images, _ in data.batches(batch_size):
-                x = to_float(images.to(device))
-                if trigger is not None:
-                    x = trigger.apply(x)
-                model(normalize(x, data.mean, data.std))
-                chunks.append(out[name].float().cpu())
-    finally:
-        model.train(was_training)
+    chunks = [
+        out[name].float().cpu()
+        for out in layer_outputs(model, data, [name], trigger, batch_size, device)
+    ]
     return torch.cat(chunks)
 
 

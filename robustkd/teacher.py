@@ -14,7 +14,7 @@ from torch import nn
 from robustkd import __version__
 from robustkd.checkpoints import save_checkpoint
 from robustkd.data import load_dataset
-from robustkd.engine import ProgressFn, TrainConfig, seed_everything, train_model
+from robustkd.engine import ProgressFn, TrainConfig, check_options, seed_everything, train_model
 from robustkd.errors import ConfigError
 from robustkd.metrics import evaluate
 from robustkd.models import create_model
@@ -49,13 +49,7 @@ class TeacherConfig:
     def from_dict(cls, values: dict[str, Any]) -> TeacherConfig:
         values = dict(values)
         train = TrainConfig.from_dict(values.pop("train", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown teacher option(s) {', '.join(unknown)}; "
-                f"valid: {', '.join(sorted(known))}."
-            )
+        check_options(cls, values, "teacher")
         return cls(train=train, **values)
 
 
