@@ -23,7 +23,6 @@ import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from robustkd.features import (
     LayerStats,
     capture,
     feature_stats,
+    forward_hooks,
     layer_outputs,
     resolve_layers,
     variance_score,
@@ -101,22 +101,10 @@ class Detoxifier(nn.Module):
     def items(self) -> Iterator[tuple[str, nn.Module]]:
         return zip(self.names, self.detox, strict=True)
 
-    @contextlib.contextmanager
-    def attach(self, model: nn.Module) -> Iterator[nn.Module]:
-        modules = dict(model.named_modules())
+    def attach(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """``with detox.attach(teacher): …`` — the listed layers' outputs are detoxified."""
         resolve_layers(model, self.names)
-        handles = []
-        for name, module in self.items():
-
-            def hook(_m: nn.Module, _i: Any, out: torch.Tensor, d: nn.Module = module) -> Any:
-                return d(out)
-
-            handles.append(modules[name].register_forward_hook(hook))
-        try:
-            yield model
-        finally:
-            for h in handles:
-                h.remove()
+        return forward_hooks(model, dict(self.items()))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

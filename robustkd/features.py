@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,22 +54,36 @@ def resolve_layers(model: nn.Module, layers: str | Sequence[str] | None) -> list
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, ``out[layer]`` holds the layer's output of the last forward pass."""
+def forward_hooks(
+    model: nn.Module, hooks: dict[str, Callable[[torch.Tensor], Any]]
+) -> Iterator[nn.Module]:
+    """Within the block, ``hooks[layer](output)`` runs after each forward of that layer; a
+    non-None return value replaces the layer's output. Hooks are removed on exit."""
     modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in layers:
-
-        def hook(_m: nn.Module, _inp: Any, output: torch.Tensor, name: str = name) -> None:
-            out[name] = output
-
-        handles.append(modules[name].register_forward_hook(hook))
+    handles = [
+        modules[name].register_forward_hook(lambda _m, _i, output, fn=fn: fn(output))
+        for name, fn in hooks.items()
+    ]
     try:
-        yield out
+        yield model
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, ``out[layer]`` holds the layer's output of the last forward pass."""
+    out: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str) -> Callable[[torch.Tensor], None]:
+        def record(output: torch.Tensor) -> None:
+            out[name] = output
+
+        return record
+
+    with forward_hooks(model, {name: recorder(name) for name in layers}):
+        yield out
 
 
 @torch.no_grad()
