@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from robustkd.errors import ConfigError
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` → the first CUDA GPU if there is one, else the CPU; ``cpu`` / ``cuda[:N]``."""
+    """``auto`` → the first CUDA GPU if there is one, else the CPU; ``cpu`` / ``cuda[:N]``.
+
+    Under torchrun, ``auto`` and ``cuda`` mean this process's GPU (``cuda:$LOCAL_RANK``).
+    """
     if isinstance(name, torch.device):
         return name
     if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and os.environ.get("LOCAL_RANK") is not None:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"  # under torchrun: one GPU per local rank
     try:
         device = torch.device(name)
     except RuntimeError as exc:

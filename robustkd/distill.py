@@ -41,7 +41,14 @@ from robustkd.engine import (
 )
 from robustkd.errors import ConfigError
 from robustkd.features import capture, resolve_layers
-from robustkd.losses import FeatureDistiller, logit_kd_loss, nad_loss, salt_and_pepper
+from robustkd.losses import (
+    FeatureDistiller,
+    logit_kd_loss,
+    nad_loss,
+    salt_and_pepper,
+    variance_alignment_loss,
+    weighted_mean,
+)
 from robustkd.metrics import evaluate
 from robustkd.models import create_model
 from robustkd.models.complexity import count_flops, count_parameters
@@ -273,42 +280,41 @@ def distill_student(
     withheld = withheld.to(device) if withheld is not None else None
     low = normalize(torch.zeros(1, data.in_channels, 1, 1), data.mean, data.std).flatten()
     high = normalize(torch.ones(1, data.in_channels, 1, 1), data.mean, data.std).flatten()
-    noise_gen = torch.Generator().manual_seed(config.seed + 7)
+    low, high = low.to(device), high.to(device)
+    noise_gen = torch.Generator(device=device).manual_seed(config.seed + 7)
+    drop = withheld is not None and config.screen_policy == "drop"
     teacher.eval()
 
+    # No step here waits for the GPU: withheld samples are weighted out of the teacher's
+    # losses (weight 0) instead of being cut out of the batch by a boolean mask.
     def loss_fn(h: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        xs = (
-            salt_and_pepper(x, noise_rate, low.to(x.device), high.to(x.device), noise_gen)
-            if noise_rate > 0
-            else x
-        )
+        xs = salt_and_pepper(x, noise_rate, low, high, noise_gen) if noise_rate > 0 else x
         logits = h(xs)
-        loss = F.cross_entropy(logits, y)
+        keep = None if withheld is None else (~withheld[idx]).float()
+        if drop:
+            loss = weighted_mean(F.cross_entropy(logits, y, reduction="none"), keep)
+        else:
+            loss = F.cross_entropy(logits, y)
         if not use_teacher:
             return loss
-        keep = torch.ones_like(y, dtype=torch.bool) if withheld is None else ~withheld[idx]
-        if withheld is not None and config.screen_policy == "drop":
-            loss = F.cross_entropy(logits[keep], y[keep]) if keep.any() else loss * 0
-        if not keep.any():
-            return loss
-        with torch.no_grad():
-            t_logits = teacher(x[keep])
-            t_feats = [t_out[n].detach() for n in t_layers]
-        s_feats = [s_out[n][keep] for n in s_layers]
+        # The teacher runs once per batch; its logits and captured features feed every loss.
+        with torch.inference_mode():
+            t_logits = teacher(x)
+            t_feats = [t_out[n] for n in t_layers]
+        s_feats = [s_out[n] for n in s_layers]
         if logit_weight > 0:
-            loss = loss + logit_weight * logit_kd_loss(logits[keep], t_logits, config.temperature)
+            kd = logit_kd_loss(logits, t_logits, config.temperature, keep)
+            loss = loss + logit_weight * kd
         if distiller is not None:
-            loss = loss + feature_weight * distiller(s_feats, t_feats)
+            loss = loss + feature_weight * distiller(s_feats, t_feats, keep)
             if config.variance_weight > 0:
-                from robustkd.losses import variance_alignment_loss
-
                 pairs = zip(distiller.connected(s_feats, t_feats), t_feats, strict=True)
                 loss = loss + config.variance_weight * sum(
-                    variance_alignment_loss(s, t) for s, t in pairs
+                    variance_alignment_loss(s, t, keep) for s, t in pairs
                 )
         if nad_weight > 0:
             loss = loss + nad_weight * sum(
-                nad_loss(s, t) for s, t in zip(s_feats, t_feats, strict=True)
+                nad_loss(s, t, weights=keep) for s, t in zip(s_feats, t_feats, strict=True)
             )
         return loss
 

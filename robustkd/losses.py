@@ -3,6 +3,10 @@ variance alignment, and the salt-and-pepper input noise used while distilling.
 
 Teacher tensors are targets: every loss detaches them, so gradients reach only the student
 side (student features, logits and the connectors).
+
+Every batch loss takes optional per-sample ``weights`` (1 keep, 0 leave out): the loss is then
+the mean over the kept samples, exactly as if the batch held only those, without indexing
+by a mask (which would make the host wait for the GPU every step).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "salt_and_pepper",
     "stage_weights",
     "variance_alignment_loss",
+    "weighted_mean",
 ]
 
 
@@ -75,8 +80,19 @@ def bn_margin(bn: nn.BatchNorm2d) -> Tensor:
     return margin.to(torch.float32)
 
 
+def weighted_mean(per_sample: Tensor, weights: Tensor | None) -> Tensor:
+    """Mean of (N,) values; with ``weights``, Σ wᵢxᵢ / Σ wᵢ (0 when every weight is 0)."""
+    if weights is None:
+        return per_sample.mean()
+    w = weights.to(per_sample.dtype)
+    return (per_sample * w).sum() / w.sum().clamp_min(1.0)
+
+
 def overhaul_loss(
-    student_feat: Tensor, teacher_feat: Tensor, margin: Tensor | None = None
+    student_feat: Tensor,
+    teacher_feat: Tensor,
+    margin: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Margin-based partial L2 between (N, C, H, W) features, summed and divided by N."""
     if student_feat.shape != teacher_feat.shape:
@@ -96,7 +112,9 @@ def overhaul_loss(
         target = torch.maximum(target, m)
     mask = (student_feat > target) | (target > 0)
     sq = (student_feat - target).pow(2) * mask.to(student_feat.dtype)
-    return sq.sum() / student_feat.shape[0]
+    if weights is None:
+        return sq.sum() / student_feat.shape[0]
+    return weighted_mean(sq.flatten(1).sum(1), weights)
 
 
 def stage_weights(n: int) -> list[float]:
@@ -107,14 +125,21 @@ def stage_weights(n: int) -> list[float]:
 
 
 def logit_kd_loss(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 4.0,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Hinton KD: KL(softmax(t/T) ‖ softmax(s/T)) · T², averaged over the batch."""
     if not temperature > 0:
         raise ConfigError(f"The distillation temperature must be positive; got {temperature}.")
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    if weights is None:
+        kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    else:
+        per_sample = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True)
+        kl = weighted_mean(per_sample.sum(1), weights)
     return kl * temperature**2
 
 
@@ -123,15 +148,22 @@ def attention_map(feat: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(feat.abs().pow(p).sum(dim=1).flatten(1), p=2.0, dim=1, eps=1e-8)
 
 
-def nad_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
+def nad_loss(
+    student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0, weights: Tensor | None = None
+) -> Tensor:
     """MSE between student and teacher attention maps (student pooled to the teacher's H×W)."""
     size = tuple(teacher_feat.shape[-2:])
     if tuple(student_feat.shape[-2:]) != size:
         student_feat = F.adaptive_avg_pool2d(student_feat, size)
-    return F.mse_loss(attention_map(student_feat, p), attention_map(teacher_feat.detach(), p))
+    s_map, t_map = attention_map(student_feat, p), attention_map(teacher_feat.detach(), p)
+    if weights is None:
+        return F.mse_loss(s_map, t_map)
+    return weighted_mean((s_map - t_map).pow(2).mean(1), weights)
 
 
-def variance_alignment_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+def variance_alignment_loss(
+    student_feat: Tensor, teacher_feat: Tensor, weights: Tensor | None = None
+) -> Tensor:
     """Mean squared gap between per-channel batch variances of spatially pooled features."""
     if student_feat.shape[:2] != teacher_feat.shape[:2]:
         raise ConfigError(
@@ -142,7 +174,12 @@ def variance_alignment_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tenso
 
     def channel_variance(feat: Tensor) -> Tensor:
         pooled = feat.flatten(2).mean(dim=2) if feat.dim() > 2 else feat
-        return pooled.var(dim=0, unbiased=False)
+        if weights is None:
+            return pooled.var(dim=0, unbiased=False)
+        w = weights.to(pooled.dtype)[:, None]
+        total = w.sum().clamp_min(1.0)
+        mean = (pooled * w).sum(0) / total
+        return ((pooled - mean).pow(2) * w).sum(0) / total
 
     diff = channel_variance(student_feat) - channel_variance(teacher_feat.detach())
     return diff.pow(2).mean()
@@ -168,8 +205,10 @@ def salt_and_pepper(
     channels = x.shape[-3]
     mask_shape = list(x.shape)
     mask_shape[-3] = 1
-    # Drawn on the CPU so that a seeded generator gives the same noise on any device.
-    u = torch.rand(mask_shape, generator=generator, dtype=torch.float64).to(x.device)
+    # Drawn where the generator lives (the GPU's own when training there: no host copy).
+    where = generator.device if generator is not None else x.device
+    u = torch.rand(mask_shape, generator=generator, dtype=torch.float64, device=where)
+    u = u.to(x.device)
     pepper = u < rate / 2
     salt = (u >= rate / 2) & (u < rate)
 
@@ -245,10 +284,16 @@ class FeatureDistiller(nn.Module):
             for conn, s, t in zip(self.connectors, student_feats, teacher_feats, strict=True)
         ]
 
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
-        """Σ_i w_i · overhaul_loss(connector_i(s_i), t_i, margin_i) / 1000."""
+    def forward(
+        self,
+        student_feats: Sequence[Tensor],
+        teacher_feats: Sequence[Tensor],
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        """Σ_i w_i · overhaul_loss(connector_i(s_i), t_i, margin_i) / 1000 (per-sample
+        ``weights`` as in every loss here)."""
         mapped = self.connected(student_feats, teacher_feats)
         total = mapped[0].new_zeros(())
         for i, (s, t) in enumerate(zip(mapped, teacher_feats, strict=True)):
-            total = total + self.weights[i] * overhaul_loss(s, t, self.margin(i))
+            total = total + self.weights[i] * overhaul_loss(s, t, self.margin(i), weights)
         return total / 1000.0
