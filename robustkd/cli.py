@@ -10,11 +10,12 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkd import __version__
+from robustkd import __version__, distributed
 from robustkd.errors import ConfigError, RobustKDError
 
 DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "default_teacher.safetensors"
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, help="train on this many images (default: all)")
     p.add_argument("--eval-size", type=int, help="evaluate on this many test images (default all)")
     p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    _speed_options(p)
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -167,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _speed_options(p: argparse.ArgumentParser) -> None:
+    from robustkd.engine import COMPILE_MODES
+
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="data-parallel processes started through torchrun: one per GPU, or gloo "
+        "processes on the CPU (default 1)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        help="run training steps through torch.compile (reduce-overhead: CUDA graphs); falls "
+        "back to eager if compiling fails (default off)",
+    )
+
+
 def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--teacher", help="teacher checkpoint (default: the shipped teacher)")
     p.add_argument("--preset", help="scenario and training sizes (see 'robustkd list presets')")
@@ -196,6 +215,7 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--noise-rate", type=float, help="salt-and-pepper rate on the student input")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    _speed_options(p)
     p.add_argument("--data-root", help="folder holding the data")
     p.add_argument("--out", help="run folder to create (default: a new one under ./runs)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # a run folder created by the app's launcher
@@ -203,11 +223,44 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# Set by --nproc's launcher for its torchrun ranks: a rank that ends with an error code writes
+# it to $ROBUSTKD_RANK_STATUS.<rank>, and the launcher exits with it. A user's mistake (code 2,
+# met by every rank alike) then exits 0, so torchrun adds no failure report to the sentence;
+# other codes (a cancelled run) stay, so torchrun stops the ranks still waiting for this one.
+RANK_STATUS_ENV = "ROBUSTKD_RANK_STATUS"
+NPROC_ENV = "ROBUSTKD_NPROC"  # the launcher's --nproc, kept in the run's saved argv
+# The launcher hands the ranks their arguments here, not on torchrun's command line, where
+# torchrun's parser would take some of ours (--run, --nproc) for abbreviations of its own.
+ARGV_ENV = "ROBUSTKD_ARGV"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv and distributed.launched() and os.environ.get(ARGV_ENV):
+        argv = json.loads(os.environ[ARGV_ENV])  # a rank started by --nproc's launcher
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if distributed.launched() and os.environ.get(NPROC_ENV):
+        args.argv = [*argv, "--nproc", os.environ[NPROC_ENV]]  # as the user typed it
+    code = _main(args, argv)
+    status = os.environ.get(RANK_STATUS_ENV)
+    if status and distributed.launched() and code:
+        Path(f"{status}.{os.environ.get('RANK', '0')}").write_text(str(code))
+        if code == 2:  # a mistake every rank met alike: no torchrun report on top of it
+            return 0
+    return code
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     try:
+        nproc = getattr(args, "nproc", None)
+        if nproc is not None:
+            distributed.check_nproc(nproc)
+        if (nproc or 1) > 1 and not distributed.launched():
+            return _launch_torchrun(args, argv)
+        if distributed.launched():
+            distributed.setup(getattr(args, "device", None))
+            args.quiet = args.quiet or not distributed.is_main()
         return {
             "train-teacher": _train_teacher,
             "evaluate": _evaluate,
@@ -219,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "resume": _resume,
         }[args.verb](args)
     except RobustKDError as exc:
-        print(f"robustkd: error: {exc}", file=sys.stderr)
+        if distributed.is_main():  # under torchrun every rank meets the same mistake
+            print(f"robustkd: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("robustkd: interrupted", file=sys.stderr)
@@ -232,6 +286,58 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        distributed.shutdown()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this very command as ``--nproc`` torchrun processes on this machine."""
+    import subprocess
+
+    from robustkd.device import resolve_device
+
+    nproc = distributed.check_nproc(args.nproc)
+    device = resolve_device(getattr(args, "device", None) or "auto")
+    gpus = distributed.gpu_count()
+    if device.type == "cuda" and nproc > gpus:
+        raise ConfigError(
+            f"--nproc {nproc} needs one GPU per process but {gpus} are visible; use "
+            f"--nproc {gpus} or --device cpu."
+        )
+    env = dict(os.environ)
+    source = Path(__file__).resolve().parent.parent
+    if (source / "robustkd" / "__init__.py").exists():  # a source checkout: children import it
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(source), env.get("PYTHONPATH", "")) if p
+        )
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    with tempfile.TemporaryDirectory(prefix="robustkd-ranks-") as folder:
+        env[RANK_STATUS_ENV] = str(Path(folder) / "code")
+        env[NPROC_ENV] = str(nproc)
+        env[ARGV_ENV] = json.dumps(_without_nproc(argv))
+        code = subprocess.call(distributed.torchrun_command(nproc, []), env=env)
+        codes = [int(f.read_text() or 1) for f in sorted(Path(folder).glob("code.*"))]
+    if codes:  # a rank ended with a handled error (or a cancel); it printed why
+        return max(codes)
+    if code:  # a crash: torchrun's report above names the rank and its traceback
+        print(
+            f"robustkd: error: the {nproc} training processes failed (exit code {code}); "
+            "see the messages above.",
+            file=sys.stderr,
+        )
+    return code
 
 
 # --------------------------------------------------------------------------- verbs
@@ -272,7 +378,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
     ):
         if getattr(args, attr) is not None:
             values[key] = getattr(args, attr)
-    for key in ("epochs", "batch_size", "lr", "seed", "device"):
+    for key in ("epochs", "batch_size", "lr", "seed", "device", "compile"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
     trig = _trigger_dict(args)
@@ -285,6 +391,8 @@ def _train_teacher(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with _TrainBar(disable=args.quiet) as bar:
         _, meta = train_teacher(config, out, progress=bar, resume=args.resume)
+    if not distributed.is_main():
+        return 0
     m = meta["metrics"]
     print(f"saved {out}")
     print(f"ACC {100 * m['acc']:.2f} % on {m['n_clean']} test images", end="")
@@ -471,6 +579,7 @@ def _distill(args: argparse.Namespace) -> int:
         "seed",
         "device",
         "screen_policy",
+        "compile",
     ):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -508,19 +617,27 @@ def _distill(args: argparse.Namespace) -> int:
         "plan": plan,
         "distill": config.to_dict(),
     }
+    writer = distributed.is_main()  # under torchrun, rank 0 keeps the run folder
     if args.run:
         run = Run.open(None, args.run)
-        if args.continue_run:
+        if args.continue_run and writer:
             run.update_status(message="")
-    elif args.out:
-        out = Path(args.out)
-        run = Run.create(out.parent, args.verb, full_config, run_id=out.name)
+    elif not writer:
+        run = Run(distributed.broadcast_object(None))  # the folder rank 0 created
     else:
-        run = Run.create(None, args.verb, full_config)
-    run.start(epochs=config.epochs * len(methods))
+        if args.out:
+            out = Path(args.out)
+            run = Run.create(out.parent, args.verb, full_config, run_id=out.name)
+        else:
+            run = Run.create(None, args.verb, full_config)
+        distributed.broadcast_object(str(run.path))
+    if writer:
+        run.start(epochs=config.epochs * len(methods))
     bars: list[_TrainBar] = []
 
-    def progress_for(method: str) -> RunProgress:
+    def progress_for(method: str) -> RunProgress | None:
+        if not writer:
+            return None
         if bars:
             bars[-1].__exit__()
         bar = _TrainBar(disable=args.quiet, desc=method)
@@ -544,15 +661,19 @@ def _distill(args: argparse.Namespace) -> int:
         print(f"cancelled; partial results in {run.path}", file=sys.stderr)
         return 1
     except RobustKDError as exc:
-        run.fail(str(exc))
+        if writer:
+            run.fail(str(exc))
         raise
     except BaseException as exc:
         with contextlib.suppress(OSError):  # on a full disk even the failure may not be written
-            run.fail(f"{type(exc).__name__}: {exc}")
+            if writer:
+                run.fail(f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if bars:
             bars[-1].__exit__()
+    if not writer:
+        return 0
     run.finish(report)
     from robustkd.compare import report_markdown
 

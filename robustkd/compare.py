@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from robustkd import __version__
+from robustkd import __version__, distributed
 from robustkd.checkpoints import save_checkpoint
 from robustkd.distill import METHODS, DistillConfig, run_method
 from robustkd.engine import ProgressFn
@@ -104,6 +104,11 @@ def compare(
         )
         row = {**result.metrics, "history": result.history}
         ckpt = run.checkpoint_path(f"{method}.safetensors")
+        row["checkpoint"] = str(ckpt)
+        report["methods"][method] = row
+        _add_der(report)
+        if not distributed.is_main():  # under torchrun: rank 0 writes the files
+            continue
         save_checkpoint(
             ckpt,
             result.model,
@@ -125,9 +130,6 @@ def compare(
         )
         if result.detoxifier is not None:
             result.detoxifier.save(run.checkpoint_path(f"{method}-detox.safetensors"))
-        row["checkpoint"] = str(ckpt)
-        report["methods"][method] = row
-        _add_der(report)
         write_report(run.path, report)
         for state in run.checkpoints_dir.glob(f"{method}*.state.pt"):  # done: not needed again
             state.unlink()

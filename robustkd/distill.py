@@ -82,6 +82,7 @@ class DistillConfig:
     augment: str = "crop"
     seed: int = 0
     device: str = "auto"
+    compile: str = "off"  # torch.compile mode of the training steps (see TrainConfig)
     layers: str = "all"  # teacher stages used for detox, screening and feature KD
     threshold: float | None = None  # None: the clean-halves threshold per layer
     granularity: str = "unit"
@@ -133,6 +134,7 @@ class DistillConfig:
             "augment": self.augment,
             "seed": self.seed,
             "device": self.device,
+            "compile": self.compile,
         }
         values.update(changes)
         return TrainConfig(**values)

@@ -283,6 +283,8 @@ def train_model(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        # A 1-channel conv's gradient may come back in another (equivalent) stride layout.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     runner = _Compiled(net, config.compile)
     started = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd import __version__
+from robustkd import __version__, distributed
 from robustkd.checkpoints import save_checkpoint
 from robustkd.data import load_dataset
 from robustkd.engine import ProgressFn, TrainConfig, check_options, seed_everything, train_model
@@ -163,6 +163,7 @@ def train_teacher(
         "robustkd": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    save_checkpoint(out, model, metadata)
-    out.with_suffix(".state.pt").unlink(missing_ok=True)
+    if distributed.is_main():  # under torchrun: one rank writes
+        save_checkpoint(out, model, metadata)
+        out.with_suffix(".state.pt").unlink(missing_ok=True)
     return model, metadata
