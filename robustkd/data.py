@@ -126,8 +126,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.clamp(0, 1).mul(255.0).round_().to(torch.uint8)
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Float images in [0, 1] → model input, per channel ``(x − mean) / std``."""
+def normalize(
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """Float images in [0, 1] → model input, per channel ``(x − mean) / std``.
+
+    Pass ``mean``/``std`` as tensors already on the images' device in a hot loop: built from
+    Python numbers they are copied to the GPU, and the host waits, on every call.
+    """
     m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - m) / s

@@ -287,6 +287,8 @@ def train_model(
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
         net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     runner = _Compiled(net, config.compile)
+    mean = torch.tensor(train_set.mean, device=device)  # on the device once, not every step
+    std = torch.tensor(train_set.std, device=device)
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         model.train()
@@ -295,7 +297,7 @@ def train_model(
         seen = torch.zeros((), device=device)
         for step, (images, labels, idx, draw) in enumerate(batches.epoch(epoch), start=1):
             x = apply_augment(to_float(images), draw, config.crop_padding)
-            x = normalize(x, train_set.mean, train_set.std)
+            x = normalize(x, mean, std)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss = runner.step(_forward_backward, loss_fn, optimizer, x, labels, idx, device)
@@ -388,7 +390,7 @@ class _Batches:
                     "use fewer processes or more images."
                 )
         self.steps = len(self.bounds)
-        self.resident = device.type == "cpu" or _fits_on_device(data, config, device)
+        self.resident = _resident(data, config, device)
         self.data = data.to(device) if self.resident else data
         self.n = n
 
@@ -427,7 +429,7 @@ class _Batches:
             batch_size=None,
             shuffle=False,
             num_workers=workers,
-            pin_memory=True,
+            pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
 
@@ -447,9 +449,12 @@ class _Gather(torch.utils.data.Dataset):
         return self.data.images[idx], self.data.labels[idx], idx
 
 
-def _fits_on_device(data: ImageDataset, config: TrainConfig, device: torch.device) -> bool:
+def _resident(data: ImageDataset, config: TrainConfig, device: torch.device) -> bool:
+    """Whether the images should live on ``device`` (the CPU's own memory: always, in auto)."""
     if config.data_placement != "auto":
         return config.data_placement == "device"
+    if device.type == "cpu":
+        return True
     need = data.images.numel() * data.images.element_size()
     free, _total = torch.cuda.mem_get_info(device)
     return need <= free // 4  # leave most of the memory to activations and the models

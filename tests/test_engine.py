@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,63 @@ def test_lr_schedules() -> None:
     assert lr_factor("cosine", 0.0) == 1.0 and lr_factor("cosine", 1.0) == pytest.approx(0.0)
     assert [lr_factor("paper", p) for p in (0.1, 0.6, 0.8)] == [1.0, 0.1, 0.01]
     assert lr_factor("constant", 0.9) == 1.0
+
+
+def _weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(
+        torch.equal(pa, pb)
+        for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_host_batches_through_workers_match_resident_data(small_train: ImageDataset) -> None:
+    # The path for data sets too large for the GPU: the same batches, gathered by DataLoader
+    # workers from host memory.
+    a, b = _fresh(), _fresh()
+    train_model(a, small_train, _config(epochs=2, data_placement="device"))
+    train_model(b, small_train, _config(epochs=2, data_placement="host"))
+    assert _weights_equal(a, b)
+
+
+def test_compiled_steps_match_eager(small_train: ImageDataset) -> None:
+    a, b = _fresh(), _fresh()
+    ra = train_model(a, small_train, _config(epochs=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: it really compiled
+        rb = train_model(b, small_train, _config(epochs=1, compile="default"))
+    assert rb.history[0]["loss"] == pytest.approx(ra.history[0]["loss"], rel=1e-4)
+
+
+def test_a_failing_compile_falls_back_to_eager(
+    small_train: ImageDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()  # forget graphs compiled by other tests
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))  # as on a machine without one
+    a, b = _fresh(), _fresh()
+    train_model(a, small_train, _config(epochs=1))
+    with pytest.warns(RuntimeWarning, match="training continues without it"):
+        train_model(b, small_train, _config(epochs=1, compile="default"))
+    assert _weights_equal(a, b)  # the failed first step was redone eagerly
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("key,value", [("compile", "fast"), ("data_placement", "gpu")])
+def test_unknown_speed_options_are_refused(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match="choose one of"):
+        _config(**{key: value}).validate()
+
+
+def test_speed_options_may_change_on_resume(small_train: ImageDataset, tmp_path: Path) -> None:
+    state = tmp_path / "s.state.pt"
+    train_model(_fresh(), small_train, _config(epochs=1), state_path=state)
+    result = train_model(
+        _fresh(),
+        small_train,
+        _config(epochs=2, data_placement="host"),
+        state_path=state,
+        resume=True,
+    )
+    assert result.resumed_from == 1 and len(result.history) == 2
