@@ -5,9 +5,11 @@ from __future__ import annotations
 import streamlit as st
 
 from app.state import current_teacher, runs_root, show_error, teacher_path
+from robustkd import distributed
 from robustkd.compare import launch_compare, report_markdown
 from robustkd.device import resolve_device
 from robustkd.distill import METHODS
+from robustkd.engine import COMPILE_MODES
 from robustkd.errors import RobustKDError
 from robustkd.figures import run_curves
 from robustkd.models import model_names
@@ -54,7 +56,22 @@ with st.form("launch"):
     noise = c3.number_input("Input noise rate", 0.0, 1.0, 0.0, step=0.05)
     seed = c4.number_input("Seed", 0, 1_000_000, 0)
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
-    device = st.selectbox("Device", devices)
+    gpus = distributed.gpu_count()
+    c1, c2, c3 = st.columns(3)
+    device = c1.selectbox("Device", devices)
+    nproc = 1
+    if gpus > 1:  # data-parallel training, one process per GPU (torchrun underneath)
+        nproc = c2.number_input(
+            "GPUs", 1, gpus, gpus, help="Data-parallel processes, one per GPU (not on the CPU)."
+        )
+    compile_mode = "off"
+    if gpus > 0:
+        compile_mode = c3.selectbox(
+            "torch.compile",
+            COMPILE_MODES,
+            help="Compile the training steps (reduce-overhead adds CUDA graphs); the first "
+            "epoch is slower, later ones faster; falls back to eager if compiling fails.",
+        )
     launched = st.form_submit_button("Launch", type="primary")
 
 if launched:
@@ -67,6 +84,8 @@ if launched:
             "distill_size": int(distill_size), "trusted_size": int(trusted_size),
             "threshold": threshold or None, "tau": tau, "noise_rate": noise or None,
             "seed": int(seed), "device": device,
+            "nproc": int(nproc) if int(nproc) > 1 and device != "cpu" else None,
+            "compile": None if compile_mode == "off" else compile_mode,
         }  # fmt: skip
         try:
             run = launch_compare(methods, options, runs_root())

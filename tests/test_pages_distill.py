@@ -81,3 +81,34 @@ def test_no_method_is_one_message(page: AppTest) -> None:
     next(m for m in page.multiselect if m.label == "Methods").set_value([])
     next(b for b in page.button if b.label == "Launch").click().run()
     assert not page.exception and any("at least one method" in e.value for e in page.error)
+
+
+def test_one_gpu_or_none_offers_no_process_count(page: AppTest) -> None:
+    assert "GPUs" not in [w.label for w in page.number_input]
+
+
+def test_several_gpus_offer_data_parallel_processes(
+    tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This machine has no GPU: pretend two are visible, so the form offers them. With no GPU
+    # behind it, "auto" runs the 2 data-parallel processes on the CPU (gloo), for real.
+    from robustkd import distributed
+
+    monkeypatch.setattr(distributed, "gpu_count", lambda: 2)
+    monkeypatch.setenv("ROBUSTKD_TEACHER", str(tiny_teacher))
+    monkeypatch.setenv("ROBUSTKD_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(MAIN, default_timeout=120)
+    at.run()
+    at.switch_page(PAGE).run()
+    inputs = {w.label: w for w in at.number_input}
+    assert inputs["GPUs"].value == 2 and inputs["GPUs"].max == 2
+    _fill(at)
+    next(s for s in at.selectbox if s.label == "Device").set_value("auto")
+    next(b for b in at.button if b.label == "Launch").click().run()
+    assert not at.exception
+    status = _wait(tmp_path / "runs", ("done", "failed"))
+    assert status["state"] == "done", status
+    run = list_runs(tmp_path / "runs")[0]
+    argv = run.config["argv"]
+    assert argv[argv.index("--nproc") + 1] == "2"
+    assert "torch.distributed.run" in run.log_tail() or "--nproc" in run.log_tail()
