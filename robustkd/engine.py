@@ -310,7 +310,8 @@ def train_model(
                 progress(TrainEvent("step", epoch + 1, config.epochs, step, steps, shown))
         distributed.all_reduce_sum(loss_sum)
         distributed.all_reduce_sum(seen)
-        mean_loss = float(loss_sum) / max(1.0, float(seen))
+        mean_loss = float(loss_sum) / max(1.0, float(seen))  # the epoch's one wait for the GPU
+        train_seconds = time.perf_counter() - epoch_start
         if not math.isfinite(mean_loss):
             raise DivergedError(
                 f"The loss became {mean_loss} in epoch {epoch + 1}; lower the learning rate. "
@@ -320,6 +321,8 @@ def train_model(
             "epoch": epoch + 1,
             "loss": mean_loss,
             "lr": optimizer.param_groups[0]["lr"],
+            "images": int(seen),
+            "train_seconds": train_seconds,  # the steps alone, before evaluation
         }
         if evaluate is not None and main:
             record.update(evaluate(model))
