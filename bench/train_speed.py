@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=128, help="the presets' batch size")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers, plain loop")
+    parser.add_argument("--steps", type=int, help="timed steps per plain loop and floor (300)")
+    parser.add_argument("--epochs", type=int, help="epochs per fast-path measurement (4)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
@@ -315,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     quick = args.quick
     batch = args.batch_size
-    steps = 4 if quick else 300
-    epochs = 2 if quick else 4
+    steps = args.steps or (4 if quick else 300)
+    epochs = args.epochs or (2 if quick else 4)
     workers = 0 if quick else args.workers
     facts = {
         "device": device_label(device),
@@ -413,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         "| --- | ---: |",
     ]
     for label, value, note in rows:
-        shown = "failed" if value is None else f"{value:,.0f}"
-        table.append(f"| {label} | {shown} |" + (f" {note}" if note else ""))
+        shown = note if value is None else f"{value:,.0f}" + (f" ({note})" if note else "")
+        table.append(f"| {label} | {shown} |")
     table += [
         f"| speed-up teacher (fast / plain) | {figures['speedup_teacher']:.1f}× |",
         f"| speed-up distillation (fast / plain) | {figures['speedup_distill']:.1f}× |",

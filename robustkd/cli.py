@@ -622,15 +622,16 @@ def _distill(args: argparse.Namespace) -> int:
         run = Run.open(None, args.run)
         if args.continue_run and writer:
             run.update_status(message="")
-    elif not writer:
-        run = Run(distributed.broadcast_object(None))  # the folder rank 0 created
     else:
-        if args.out:
-            out = Path(args.out)
-            run = Run.create(out.parent, args.verb, full_config, run_id=out.name)
-        else:
-            run = Run.create(None, args.verb, full_config)
-        distributed.broadcast_object(str(run.path))
+        out = Path(args.out) if args.out else None
+        run = distributed.on_main(  # under torchrun: rank 0 creates it, the others use it
+            lambda: Run.create(
+                out.parent if out else None,
+                args.verb,
+                full_config,
+                run_id=out.name if out else None,
+            )
+        )
     if writer:
         run.start(epochs=config.epochs * len(methods))
     bars: list[_TrainBar] = []

@@ -14,13 +14,15 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from robustkd.errors import ConfigError
+from robustkd.errors import ConfigError, RobustKDError
+
+T = TypeVar("T")
 
 WORLD_ENV = "WORLD_SIZE"
 
@@ -98,6 +100,25 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 alone, its result handed to every rank. A mistake it raises (a
+    RobustKDError, or an OSError such as an unwritable folder) is raised on every rank, so
+    none is left waiting for the others."""
+    if not active():
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    if is_main():
+        try:
+            result = fn()
+        except (RobustKDError, OSError) as exc:
+            error = exc
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:

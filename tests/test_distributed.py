@@ -170,3 +170,13 @@ def test_cancelled_two_process_run_resumes_to_the_same_result(tmp_path: Path) ->
     b = json.loads((runs / "whole" / "report.json").read_text())["methods"]["scratch"]
     assert abs(a["acc"] - b["acc"]) <= 0.005 and abs(a["asr"] - b["asr"]) <= 0.005
     assert Run(runs / "cut").status()["state"] == "done"
+
+
+def test_an_existing_output_folder_under_two_processes_is_one_sentence(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    (runs / "taken").mkdir(parents=True)
+    args = [*TINY_COMPARE, "--methods", "scratch", "--epochs", "1"]
+    bad = _cli([*args, "--nproc", "2", "--out", str(runs / "taken")], runs)
+    assert bad.returncode == 2, bad.stderr
+    errors = [line for line in bad.stderr.splitlines() if "robustkd: error:" in line]
+    assert len(errors) == 1 and "Traceback" not in bad.stderr, bad.stderr
