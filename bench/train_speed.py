@@ -226,7 +226,8 @@ def floor(data: ImageDataset, batch: int, device: torch.device, steps: int, grap
 
     def step() -> None:
         opt.zero_grad(set_to_none=False)  # graph replay needs the same .grad tensors
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        # no autocast cache: a graph must not keep casts made during its warm-up
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()

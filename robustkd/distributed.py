@@ -126,17 +126,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard(indices: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a global batch (every world_size-th index, from its rank)."""
-    return indices[rank() :: world_size()] if active() else indices
-
-
 def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_nproc(nproc: int) -> int:
-    """Validate a requested process count; more than the visible GPUs only on the CPU."""
+    """Validate a requested process count (the launcher checks it against the GPUs)."""
     if not 1 <= nproc <= 1024:
         raise ConfigError(f"--nproc must be between 1 and 1024; got {nproc}.")
     return nproc
