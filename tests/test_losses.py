@@ -21,6 +21,7 @@ from robustkd.losses import (
     salt_and_pepper,
     stage_weights,
     variance_alignment_loss,
+    weighted_mean,
 )
 from robustkd.models import create_model
 
@@ -353,3 +354,42 @@ def test_distiller_on_the_default_models_with_bn_margins() -> None:
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert student.block1[0].weight.grad is not None
+
+
+# ---------------------------------------------------------------- per-sample weights
+
+
+def _kept_pairs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 4, 5, 5, generator=g)
+    t = torch.randn(6, 4, 5, 5, generator=g)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    return s, t, keep
+
+
+def test_weighted_losses_equal_the_losses_on_the_kept_samples() -> None:
+    s, t, keep = _kept_pairs()
+    k = keep.bool()
+    margin = torch.full((4,), -0.5)
+    assert torch.allclose(overhaul_loss(s, t, margin, keep), overhaul_loss(s[k], t[k], margin))
+    sl, tl = s.flatten(1)[:, :10], t.flatten(1)[:, :10]
+    assert torch.allclose(logit_kd_loss(sl, tl, 4.0, keep), logit_kd_loss(sl[k], tl[k], 4.0))
+    assert torch.allclose(nad_loss(s, t, weights=keep), nad_loss(s[k], t[k]))
+    assert torch.allclose(
+        variance_alignment_loss(s, t, keep), variance_alignment_loss(s[k], t[k]), atol=1e-6
+    )
+
+
+def test_weighted_losses_keep_gradients_off_the_left_out_samples() -> None:
+    s, t, keep = _kept_pairs()
+    s.requires_grad_(True)
+    overhaul_loss(s, t, None, keep).backward()
+    assert s.grad is not None
+    assert torch.all(s.grad[~keep.bool()] == 0) and s.grad[keep.bool()].abs().sum() > 0
+
+
+def test_weighted_mean_of_nothing_kept_is_zero() -> None:
+    values = torch.tensor([1.0, 2.0, 3.0])
+    assert weighted_mean(values, torch.zeros(3)).item() == 0.0
+    assert weighted_mean(values, None).item() == pytest.approx(2.0)
+    assert weighted_mean(values, torch.tensor([0.0, 1.0, 1.0])).item() == pytest.approx(2.5)
