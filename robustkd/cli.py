@@ -243,12 +243,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if distributed.launched() and os.environ.get(NPROC_ENV):
         args.argv = [*argv, "--nproc", os.environ[NPROC_ENV]]  # as the user typed it
     code = _main(args, argv)
+    if not distributed.launched():
+        return code
     status = os.environ.get(RANK_STATUS_ENV)
-    if status and distributed.launched() and code:
+    if status and code:
         Path(f"{status}.{os.environ.get('RANK', '0')}").write_text(str(code))
         if code == 2:  # a mistake every rank met alike: no torchrun report on top of it
-            return 0
-    return code
+            code = 0
+    # A rank leaves at once: tearing the process group down at interpreter exit could abort
+    # (SIGABRT from a communication thread) after the work was done and the files written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
@@ -286,8 +292,6 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    finally:
-        distributed.shutdown()
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

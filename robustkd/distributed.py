@@ -81,11 +81,6 @@ def setup(device: str | None = "auto") -> bool:
     return True
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks in place (no-op outside DDP)."""
     if active():
