@@ -48,7 +48,7 @@ from robustkd.features import capture, resolve_layers
 from robustkd.losses import FeatureDistiller, logit_kd_loss
 from robustkd.models import create_model
 from robustkd.presets import preset
-from robustkd.scenarios import build_scenario
+from robustkd.scenarios import build_scenario, scenario_from_plan
 from robustkd.teacher import TeacherConfig, train_teacher
 
 LOG: list[str] = []
@@ -274,15 +274,7 @@ def pipeline(data_root: str | None, out: Path, device: torch.device, quick: bool
     started = time.perf_counter()
     teacher, meta = train_teacher(config, out / "pipeline-teacher.safetensors")
     teacher_s = time.perf_counter() - started
-    scenario = build_scenario(
-        plan["scenario"],
-        meta,
-        rate=plan["rate"],
-        trusted_size=plan["trusted_size"],
-        distill_size=plan["distill_size"],
-        test_size=plan.get("test_size"),
-        data_root=data_root,
-    )
+    scenario = scenario_from_plan(plan, meta, data_root=data_root)
     dconfig = DistillConfig.from_dict({**plan["config"], "device": str(device)})
     result = run_method("robustkd", teacher, meta, scenario, dconfig)
     _sync(device)

@@ -311,8 +311,9 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     import subprocess
 
     from robustkd.device import resolve_device
+    from robustkd.runs import add_source_path
 
-    nproc = distributed.check_nproc(args.nproc)
+    nproc = args.nproc  # checked by _main
     device = resolve_device(getattr(args, "device", None) or "auto")
     gpus = distributed.gpu_count()
     if device.type == "cuda" and nproc > gpus:
@@ -320,12 +321,7 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
             f"--nproc {nproc} needs one GPU per process but {gpus} are visible; use "
             f"--nproc {gpus} or --device cpu."
         )
-    env = dict(os.environ)
-    source = Path(__file__).resolve().parent.parent
-    if (source / "robustkd" / "__init__.py").exists():  # a source checkout: children import it
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(source), env.get("PYTHONPATH", "")) if p
-        )
+    env = add_source_path(dict(os.environ))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     with tempfile.TemporaryDirectory(prefix="robustkd-ranks-") as folder:
         env[RANK_STATUS_ENV] = str(Path(folder) / "code")
@@ -566,7 +562,7 @@ def _distill(args: argparse.Namespace) -> int:
     from robustkd.distill import METHODS, DistillConfig
     from robustkd.presets import preset
     from robustkd.runs import Run, RunCancelled, RunProgress
-    from robustkd.scenarios import build_scenario
+    from robustkd.scenarios import scenario_from_plan
 
     plan = preset(args.preset)["distill"] if args.preset else preset("fashion-badnets")["distill"]
     values = dict(plan.get("config", {}))
@@ -602,16 +598,7 @@ def _distill(args: argparse.Namespace) -> int:
     for key in ("scenario", "rate", "trusted_size", "distill_size", "test_size"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
-    scenario = build_scenario(
-        plan["scenario"],
-        meta,
-        rate=plan["rate"],
-        trusted_size=plan["trusted_size"],
-        distill_size=plan["distill_size"],
-        test_size=plan.get("test_size"),
-        seed=config.seed,
-        data_root=args.data_root,
-    )
+    scenario = scenario_from_plan(plan, meta, seed=config.seed, data_root=args.data_root)
     command = "robustkd " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("robustkd") else ""
     full_config = {
         "argv": [a for a in args.argv if a != "--quiet"],

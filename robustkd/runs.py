@@ -670,6 +670,17 @@ class RunProgress:
 # --------------------------------------------------------------------------- workers
 
 
+def add_source_path(env: dict[str, str]) -> dict[str, str]:
+    """Put this source checkout on ``env``'s PYTHONPATH, so that a child process started
+    from another folder imports this very ``robustkd`` (an installed package needs nothing)."""
+    source = Path(__file__).resolve().parent.parent
+    if not {"site-packages", "dist-packages"} & set(source.parts):
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(source), env.get("PYTHONPATH", "")) if p
+        )
+    return env
+
+
 def launch_worker(
     argv: list[str],
     run: Run,
@@ -689,11 +700,7 @@ def launch_worker(
     env[RUNS_ENV] = str(run.root.resolve())
     env["PYTHONUNBUFFERED"] = "1"
     if module and module.split(".")[0] == "robustkd":
-        source = Path(__file__).resolve().parent.parent
-        if not {"site-packages", "dist-packages"} & set(source.parts):  # a source checkout
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(source), env.get("PYTHONPATH", "")) if p
-            )
+        add_source_path(env)
     options: dict[str, Any] = {}
     if os.name == "nt":  # pragma: no cover - Windows
         options["creationflags"] = (

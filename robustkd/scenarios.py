@@ -126,6 +126,26 @@ def build_scenario(
     return Scenario(name, distill, poisoned, trusted, validation, test, trigger, target, mode, info)
 
 
+def scenario_from_plan(
+    plan: dict[str, Any],
+    teacher_meta: dict[str, Any],
+    seed: int = 0,
+    data_root: str | None = None,
+) -> Scenario:
+    """The scenario a preset's distillation plan names (its ``scenario``, ``rate``,
+    ``trusted_size``, ``distill_size`` and optional ``test_size``)."""
+    return build_scenario(
+        plan["scenario"],
+        teacher_meta,
+        rate=plan["rate"],
+        trusted_size=plan["trusted_size"],
+        distill_size=plan["distill_size"],
+        test_size=plan.get("test_size"),
+        seed=seed,
+        data_root=data_root,
+    )
+
+
 def _teacher_training_set(
     train: ImageDataset, meta: dict[str, Any], trigger: Trigger | None, data_root: str | None
 ) -> tuple[ImageDataset, torch.Tensor]:
