@@ -30,7 +30,11 @@ SPLIT_SEED = 20240603  # fixes which training images form the validation split
 
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
-    """Images as uint8 ``(N, C, H, W)``, labels as int64 ``(N,)``, plus what describes them."""
+    """Images as uint8 ``(N, C, H, W)``, labels as int64 ``(N,)``, plus what describes them.
+
+    Unlabelled images carry label ``-1``. ``ids`` (optional) names each image where it came
+    from (a relative file path, ``"npz:INDEX"``), so a flagged sample can be traced back.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -38,6 +42,7 @@ class ImageDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     name: str
+    ids: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -54,6 +59,15 @@ class ImageDataset:
             raise DataError(
                 f"Dataset {self.name!r} needs one mean and std per channel ({self.in_channels})."
             )
+        if self.ids is not None:
+            if isinstance(self.ids, str) or not all(isinstance(i, str) for i in self.ids):
+                raise DataError(f"Dataset {self.name!r} needs its ids as a sequence of strings.")
+            object.__setattr__(self, "ids", tuple(self.ids))  # frozen like the rest, even if a list
+            if len(self.ids) != self.images.shape[0]:
+                raise DataError(
+                    f"Dataset {self.name!r} has {self.images.shape[0]} images but "
+                    f"{len(self.ids)} ids; give one id per image."
+                )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -61,6 +75,11 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        """True when every image has a class label (unlabelled images carry ``-1``)."""
+        return bool((self.labels >= 0).all())
 
     @property
     def in_channels(self) -> int:
@@ -81,7 +100,8 @@ class ImageDataset:
     def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageDataset:
         """The images at ``indices`` (kept in that order)."""
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
-        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
+        ids = None if self.ids is None else tuple(self.ids[i] for i in idx.tolist())
+        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx], ids=ids)
 
     def replace(self, **changes: object) -> ImageDataset:
         return dataclasses.replace(self, **changes)
