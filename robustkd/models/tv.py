@@ -10,6 +10,11 @@ Any name in ``torchvision.models.list_models(module=torchvision.models)`` works 
 * ViT / MaxViT told the image size, and GoogLeNet / Inception-v3 built without auxiliary heads,
   so that ``model(x)`` always returns plain logits.
 
+``cifar_strides=True`` (``tv-mobilenet_v2`` only) builds the small-image variant that TrojanZoo
+calls ``mobilenet_v2_comp``: a stride-1 stem and a stride-1 second stage, so a 32×32 input ends
+at 4×4 instead of 1×1. The parameter names and shapes are unchanged, so only this option tells
+the two apart; it is a plain bool and so survives a JSON round trip in ``model_args``.
+
 Each build first runs a dry forward pass on the ``meta`` device (shapes only, no compute or
 memory), so an image size that an architecture cannot take (e.g. 28×28 for ``tv-vit_b_16``,
 whose patch size is 16) fails early with a ``ConfigError``.
@@ -52,6 +57,18 @@ LISTED = (
     "regnet_y_400mf",
 )
 
+# MobileNetV2 stages (t, c, n, s) with the second stage at stride 1 (2 on ImageNet).
+_CIFAR_MOBILENET_V2 = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+CIFAR_STRIDES_ARCHS = ("mobilenet_v2",)
+
 
 @functools.cache
 def torchvision_names() -> tuple[str, ...]:
@@ -81,12 +98,23 @@ def build_torchvision(
 ) -> nn.Module:
     """Build torchvision model ``arch`` for ``(in_channels, *image_size)`` inputs.
 
-    Extra ``kwargs`` go to the torchvision builder (e.g. ``dropout`` for EfficientNet).
+    Extra ``kwargs`` go to the torchvision builder (e.g. ``dropout`` for EfficientNet), except
+    ``cifar_strides`` (see the module docstring).
     """
     if kwargs.pop("weights", None) is not None:
         raise ConfigError("Pretrained torchvision weights are not supported; use weights=None.")
+    cifar_strides = kwargs.pop("cifar_strides", False)
+    if not isinstance(cifar_strides, bool):
+        raise ConfigError(f"cifar_strides must be true or false; got {cifar_strides!r}.")
+    if cifar_strides and arch not in CIFAR_STRIDES_ARCHS:
+        raise ConfigError(
+            f"cifar_strides is available for {', '.join(PREFIX + a for a in CIFAR_STRIDES_ARCHS)}"
+            f" only, not {PREFIX + arch}; drop the option or pick a CIFAR model such as resnet18."
+        )
     height, width = image_size
     kwargs = {**_arch_defaults(arch, (height, width)), **kwargs}
+    if cifar_strides:
+        kwargs.setdefault("inverted_residual_setting", [list(s) for s in _CIFAR_MOBILENET_V2])
     builder = torchvision.models.get_model_builder(arch)
 
     def build() -> nn.Module:
@@ -94,6 +122,9 @@ def build_torchvision(
             model = builder(weights=None, num_classes=num_classes, **kwargs)
         except (TypeError, ValueError, AssertionError) as exc:
             raise ConfigError(f"Cannot build torchvision model {arch!r}: {exc}") from exc
+        if cifar_strides:
+            # Same weights, stride 1: the stem convolution keeps its shape.
+            model.features[0][0].stride = (1, 1)  # type: ignore[index]
         if in_channels != 3:
             _replace_first_conv(model, in_channels)
         return model
