@@ -39,12 +39,81 @@ def _param(text: str) -> tuple[str, Any]:
     return key.strip().replace("-", "_"), value
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("for a bare .pt/.pth state dict (no metadata)")
-    g.add_argument("--arch", help="architecture name (see 'robustkd list models')")
-    g.add_argument("--num-classes", type=int, help="number of classes it was trained with")
-    g.add_argument("--in-channels", type=int, help="input channels (default: the data's)")
-    g.add_argument("--image-size", type=int, help="input image size (default: the data's)")
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _image_size(text: str) -> int | tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from exc
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def _model_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from robustkd.models.interop import LAYOUTS
+
+    g = p.add_argument_group(
+        "model options (override what the file records; a bare state dict needs what its "
+        "keys do not tell)"
+    )
+    g.add_argument("--arch", help="architecture name (see 'robustkd list models'; default: "
+                   "recorded, or recognised from the keys)")  # fmt: skip
+    g.add_argument("--num-classes", type=int, help="classes (default: read from the weights)")
+    g.add_argument("--in-channels", type=int, help="input channels (default: from the weights)")
+    g.add_argument(
+        "--image-size", type=_image_size, help="input size, N or HxW (default: the data's)"
+    )
+    g.add_argument(
+        "--normalization",
+        choices=["none", "dataset"],
+        help="input normalisation: none (pixels in [0, 1]) or the data set's statistics "
+        "(default: recorded, else the data's); or give --mean/--std",
+    )
+    g.add_argument("--mean", type=_floats, help="explicit per-channel mean, e.g. 0.5,0.5,0.5")
+    g.add_argument("--std", type=_floats, help="explicit per-channel std, e.g. 0.25,0.25,0.25")
+    g.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="auto",
+        help="where the weights come from (default auto: recognised from the file and keys)",
+    )
+
+
+def _options_from(args: argparse.Namespace) -> Any:
+    from robustkd.importer import ModelOptions
+
+    return ModelOptions(
+        architecture=args.arch,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+        image_size=args.image_size,
+        normalization=args.normalization,
+        mean=args.mean,
+        std=args.std,
+        layout=args.layout,
+        dataset=getattr(args, "dataset", None),
+    ).validate()
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "your own data (an ImageFolder tree, a folder of unlabelled images for distillation "
+        "only, or an .npz with x and optional y); what is not given comes from --dataset"
+    )
+    g.add_argument("--distill-data", help="the distillation set, used exactly as given")
+    g.add_argument("--trusted-data", help="the defender's small trusted clean set (labelled)")
+    g.add_argument("--test-data", help="the test set for the final numbers (labelled)")
 
 
 def _trigger_options(p: argparse.ArgumentParser, default_help: str) -> None:
@@ -109,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         "target).",
     )
     p.add_argument("model", help="checkpoint (.safetensors, or .pt/.pth state dict)")
-    p.add_argument("--data", help="dataset name (default: the one the checkpoint names)")
+    p.add_argument(
+        "--data",
+        help="dataset name, or your own labelled data (ImageFolder tree or .npz); default: the "
+        "data set the checkpoint names",
+    )
     p.add_argument("--data-root", help="folder holding the data")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, help="use only the first N images")
@@ -128,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="checkpoint (.safetensors, or .pt/.pth state dict)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _model_options(p)
+
+    p = sub.add_parser(
+        "import",
+        help="turn someone else's checkpoint into one with full metadata",
+        description="Load a checkpoint another toolkit or a plain PyTorch loop made, and save "
+        "it as a .safetensors teacher with its architecture, classes, input shape, "
+        "normalisation and (if known) trigger and target; afterwards it works everywhere "
+        "without options.",
+    )
+    p.add_argument("source", help="the checkpoint (.pt/.pth/.bin state dict or result file)")
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("--dataset", help="the data set it was trained on (names its classes)")
+    p.add_argument("--data-root", help="folder holding that data set")
+    p.add_argument("--classes", help="class names, comma-separated (default: the data set's)")
+    _trigger_options(p, "the backdoor's trigger, if known")
+    p.add_argument("--target", type=int, help="the backdoor's target class, if known")
+    p.add_argument("--mode", choices=["all-to-one", "all-to-all"], help="attack mode")
+    p.add_argument("--student", help="student architecture to record for distillation")
     _model_options(p)
 
     for verb, text in (
@@ -165,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the names the registries know",
         description="List registered models, triggers, datasets, presets or methods.",
     )
-    p.add_argument("what", choices=["models", "triggers", "datasets", "presets", "methods"])
+    p.add_argument(
+        "what", choices=["models", "triggers", "datasets", "presets", "methods", "layouts"]
+    )
     return parser
 
 
@@ -188,12 +282,20 @@ def _speed_options(p: argparse.ArgumentParser) -> None:
 
 def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--teacher", help="teacher checkpoint (default: the shipped teacher)")
+    p.add_argument("--dataset", help="the teacher's data set (default: the one it records)")
+    _trigger_options(p, "default: the trigger the teacher records (none: ASR unknown)")
+    p.add_argument("--target", type=int, help="target class (default: the recorded one)")
     p.add_argument("--preset", help="scenario and training sizes (see 'robustkd list presets')")
     if verb == "distill":
         p.add_argument("--method", default="robustkd", help="see 'robustkd list methods'")
     else:
         p.add_argument("--methods", help="comma-separated (default: all methods)")
-    p.add_argument("--scenario", choices=["clean", "untrusted", "teacher-train"])
+    p.add_argument(
+        "--scenario",
+        choices=["clean", "untrusted", "teacher-train", "as-is"],
+        help="as-is: the distillation data exactly as given (default with --distill-data or "
+        "an unknown trigger); the others plant a known trigger to simulate an attack",
+    )
     p.add_argument("--rate", type=float, help="fraction of distillation images triggered")
     p.add_argument("--trusted-size", type=int, help="images in the defender's clean set")
     p.add_argument("--distill-size", type=int, help="images in the distillation set")
@@ -217,6 +319,8 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
     _speed_options(p)
     p.add_argument("--data-root", help="folder holding the data")
+    _data_options(p)
+    _model_options(p)
     p.add_argument("--out", help="run folder to create (default: a new one under ./runs)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # a run folder created by the app's launcher
     p.add_argument("--continue-run", action="store_true", help=argparse.SUPPRESS)  # by `resume`
@@ -271,6 +375,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             "train-teacher": _train_teacher,
             "evaluate": _evaluate,
             "info": _info,
+            "import": _import,
             "list": _list,
             "distill": _distill,
             "compare": _distill,
@@ -405,33 +510,33 @@ def _train_teacher(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace, data: Any | None = None) -> tuple[Any, dict[str, Any]]:
-    from robustkd.checkpoints import load_checkpoint
+    from robustkd.importer import load_model
 
-    kwargs: dict[str, Any] = {
-        "architecture": args.arch,
-        "num_classes": args.num_classes,
-        "in_channels": args.in_channels,
-        "image_size": args.image_size,
-    }
-    path = Path(args.model)
-    if path.suffix in (".pt", ".pth", ".bin") and data is not None:
-        kwargs["num_classes"] = kwargs["num_classes"] or data.num_classes
-        kwargs["in_channels"] = kwargs["in_channels"] or data.in_channels
-        kwargs["image_size"] = kwargs["image_size"] or data.image_size
-    return load_checkpoint(path, device=getattr(args, "device", "cpu") or "cpu", **kwargs)
+    device = getattr(args, "device", "cpu") or "cpu"
+    return load_model(args.model, _options_from(args), data, device=device)
+
+
+def _load_data(name_or_path: str, split: str, root: str | None, what: str) -> Any:
+    """A registered data set's split, or the user's own data at a path."""
+    from robustkd.data import DATASETS, load_dataset
+    from robustkd.userdata import load_user_data
+
+    if name_or_path in DATASETS or not Path(name_or_path).exists():
+        return load_dataset(name_or_path, split, root)
+    return load_user_data(name_or_path, allow_unlabelled=what == "distillation set")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from robustkd.checkpoints import read_metadata
-    from robustkd.data import load_dataset
     from robustkd.device import resolve_device
     from robustkd.metrics import evaluate
+    from robustkd.modelcard import check_fits_data, normalized_for
     from robustkd.triggers import trigger_from_dict
 
     args.device = str(resolve_device(args.device))
     meta = read_metadata(args.model)
     name = args.data or meta.get("dataset") or "fashion-mnist"
-    data = load_dataset(name, args.split, args.data_root)
+    data = _load_data(name, args.split, args.data_root, "test set")
     if args.limit is not None:
         if args.limit < 1:
             raise ConfigError(f"--limit must be at least 1; got {args.limit}.")
@@ -443,9 +548,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"The model has {classes} classes but {name} has {data.num_classes}; "
             "evaluate it on the data it was trained for (--data)."
         )
-    norm = meta.get("normalization")
-    if norm:  # the model expects the normalisation it was trained with
-        data = data.replace(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    check_fits_data(meta, data, "data")
+    data = normalized_for(meta, data)  # the model expects the normalisation it was trained with
     trig = _trigger_dict(args)
     if trig is None:
         trig = meta.get("trigger") or {}
@@ -504,7 +608,46 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"classified as {target}; trigger {trigger.name})"
         )
     else:
-        print("ASR    n/a (no trigger given or stored)")
+        print("ASR    unknown (no trigger given or stored; pass --trigger and --target)")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from robustkd.importer import import_checkpoint
+
+    extra: dict[str, Any] = {}
+    trig = _trigger_dict(args)
+    if trig:
+        extra["trigger"] = trig
+        if args.target is None:
+            raise ConfigError("A trigger needs its target class; pass --target N.")
+    if args.target is not None:
+        extra["target"] = args.target
+    if args.mode:
+        extra["attack_mode"] = args.mode
+    if args.student:
+        from robustkd.models import create_model
+
+        create_model(args.student)  # an unknown name fails now, not at distillation
+        extra["student_architecture"] = args.student
+    data = None
+    if args.classes:
+        extra["classes"] = [c.strip() for c in args.classes.split(",")]
+    elif args.dataset:
+        data = _load_data(args.dataset, "test", args.data_root, "test set")
+    _, meta = import_checkpoint(args.source, args.out, _options_from(args), data, extra)
+    from robustkd.modelcard import input_shape_of
+
+    c, h, w = input_shape_of(meta)
+    norm = meta.get("normalization")
+    print(f"saved {args.out}")
+    print(
+        f"architecture {meta['architecture']} ({meta.get('layout')} layout), "
+        f"{meta['model_args']['num_classes']} classes, input {c}×{h}×{w}, normalisation "
+        + (f"mean {norm['mean']} std {norm['std']}" if norm else "the data's own statistics")
+    )
+    if meta.get("trigger"):
+        print(f"trigger {meta['trigger'].get('name')} → class {meta.get('target')}")
     return 0
 
 
@@ -542,6 +685,7 @@ def _list(args: argparse.Namespace) -> int:
     from robustkd.data import dataset_names
     from robustkd.distill import METHODS
     from robustkd.models import model_names
+    from robustkd.models.interop import LAYOUTS
     from robustkd.presets import preset_names
     from robustkd.triggers import trigger_names
 
@@ -551,18 +695,20 @@ def _list(args: argparse.Namespace) -> int:
         "datasets": dataset_names,
         "presets": preset_names,
         "methods": METHODS.names,
+        "layouts": lambda: list(LAYOUTS),
     }[args.what]()
     print("\n".join(names))
     return 0
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from robustkd.checkpoints import load_checkpoint
     from robustkd.compare import compare
     from robustkd.distill import METHODS, DistillConfig
+    from robustkd.importer import load_model
     from robustkd.presets import preset
     from robustkd.runs import Run, RunCancelled, RunProgress
-    from robustkd.scenarios import scenario_from_plan
+    from robustkd.scenarios import DataSources, scenario_from_plan
+    from robustkd.triggers import trigger_from_dict
 
     plan = preset(args.preset)["distill"] if args.preset else preset("fashion-badnets")["distill"]
     values = dict(plan.get("config", {}))
@@ -592,13 +738,34 @@ def _distill(args: argparse.Namespace) -> int:
         methods = [m.strip() for m in (args.methods or ",".join(_METHOD_ORDER)).split(",")]
     for m in methods:
         METHODS.get(m)
+    sources = DataSources(
+        distill=_user_data(args.distill_data, "distillation set"),
+        trusted=_user_data(args.trusted_data, "trusted set"),
+        test=_user_data(args.test_data, "test set"),
+    )
     teacher_path = Path(args.teacher) if args.teacher else DEFAULT_TEACHER
-    teacher, meta = load_checkpoint(teacher_path)
+    reference = sources.test or sources.trusted or sources.distill
+    teacher, meta = load_model(teacher_path, _options_from(args), reference)
     meta["path"] = str(teacher_path)
+    trig = _trigger_dict(args)
+    trigger = trigger_from_dict(trig) if trig else None
+    if trig == {}:  # --trigger none: measure no ASR even if the teacher records a trigger
+        meta.pop("trigger", None)
+    known = trigger is not None or bool(meta.get("trigger"))
+    if args.scenario is None and (sources.distill is not None or not known):
+        plan["scenario"] = "as-is"  # the user's data as given / no trigger to plant
     for key in ("scenario", "rate", "trusted_size", "distill_size", "test_size"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
-    scenario = scenario_from_plan(plan, meta, seed=config.seed, data_root=args.data_root)
+    scenario = scenario_from_plan(
+        plan,
+        meta,
+        seed=config.seed,
+        data_root=args.data_root,
+        sources=sources,
+        trigger=trigger,
+        target=args.target,
+    )
     command = "robustkd " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("robustkd") else ""
     full_config = {
         "argv": [a for a in args.argv if a != "--quiet"],
@@ -672,6 +839,14 @@ def _distill(args: argparse.Namespace) -> int:
     print(report_markdown(report))
     print(f"run folder: {run.path}")
     return 0
+
+
+def _user_data(path: str | None, what: str) -> Any:
+    from robustkd.userdata import load_user_data
+
+    if path is None:
+        return None
+    return load_user_data(path, allow_unlabelled=what == "distillation set")
 
 
 _METHOD_ORDER = [

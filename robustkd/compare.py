@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from robustkd import __version__, distributed
@@ -27,6 +29,7 @@ REPORT_COLUMNS = [
     "acc",
     "asr",
     "der",
+    "agreement",
     "params",
     "flops",
     "scenario",
@@ -109,15 +112,22 @@ def compare(
         _add_der(report)
         if not distributed.is_main():  # under torchrun: rank 0 writes the files
             continue
+        is_student = method not in ("fine-tuning", "fine-pruning")
+        shape_args = {
+            k: teacher_meta["model_args"][k]
+            for k in ("num_classes", "in_channels", "image_size")
+            if k in teacher_meta["model_args"]
+        }
         save_checkpoint(
             ckpt,
             result.model,
             {
                 "kind": "student" if result.model is not teacher else "teacher",
                 "architecture": config.student or teacher_meta.get("student_architecture")
-                if method not in ("fine-tuning", "fine-pruning")
+                if is_student
                 else teacher_meta["architecture"],
-                "model_args": teacher_meta["model_args"],
+                # a student is ours whatever layout the teacher came in
+                "model_args": shape_args if is_student else teacher_meta["model_args"],
                 "dataset": teacher_meta.get("dataset"),
                 "classes": teacher_meta.get("classes"),
                 "normalization": teacher_meta.get("normalization"),
@@ -130,6 +140,10 @@ def compare(
         )
         if result.detoxifier is not None:
             result.detoxifier.save(run.checkpoint_path(f"{method}-detox.safetensors"))
+        if result.screen_scores is not None and result.withheld is not None:
+            row["screen_csv"] = str(
+                write_screen(run.path, method, scenario, result.screen_scores, result.withheld)
+            )
         write_report(run.path, report)
         for state in run.checkpoints_dir.glob(f"{method}*.state.pt"):  # done: not needed again
             state.unlink()
@@ -147,31 +161,97 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.2f}" if isinstance(v, float) else "–"
 
 
+def _asr(v: Any, known: bool) -> str:
+    return _pct(v) if known else "unknown"
+
+
+SCREEN_TOP = 48  # most suspicious samples kept as images beside the CSV (the app's grid)
+
+
+def write_screen(
+    folder: Path,
+    method: str,
+    scenario: Scenario,
+    scores: torch.Tensor,
+    withheld: torch.Tensor,
+) -> Path:
+    """``METHOD-screen.csv``: every distillation sample's id, score and whether it was
+    withheld, most suspicious first; ``METHOD-screen-top.npz``: the top images themselves."""
+    data = scenario.distill
+    scores, withheld = scores.cpu().double(), withheld.cpu().bool()
+    ids = list(data.ids) if data.ids is not None else [f"{data.name}:{i}" for i in range(len(data))]
+    truth = scenario.poisoned_mask
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = ["rank", "index", "id", "score", "withheld"]
+    if truth is not None:
+        header.append("triggered")  # a simulation's ground truth, never seen by the defence
+    writer.writerow(header)
+    for rank, i in enumerate(order, start=1):
+        row = [rank, i, ids[i], f"{float(scores[i]):.6g}", int(withheld[i])]
+        if truth is not None:
+            row.append(int(truth[i]))
+        writer.writerow(row)
+    path = folder / f"{method}-screen.csv"
+    atomic_write_text(path, buf.getvalue())
+    top = order[:SCREEN_TOP]
+    arrays = {
+        "images": data.images[torch.as_tensor(top, dtype=torch.long)].cpu().numpy(),
+        "index": np.asarray(top, dtype=np.int64),
+        "ids": np.asarray([ids[i] for i in top], dtype=str),
+        "scores": scores[top].numpy(),
+        "withheld": withheld[top].numpy(),
+    }
+    tmp = folder / f".{method}-screen-top.npz.tmp"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    tmp.replace(folder / f"{method}-screen-top.npz")
+    return path
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     info = report["scenario"]
+    known = info.get("trigger_known", True)
+    poisoned = info.get("n_poisoned")
+    carried = (
+        f"{poisoned} carry the trigger"
+        if poisoned is not None
+        else "used as given, poisoned or not"
+    )
+    asr_note = (
+        "ASR over triggered test images whose true class is not the target"
+        if known
+        else "ASR unknown: no trigger was given or recorded"
+    )
     lines = [
         f"# Comparison — scenario `{info['scenario']}`",
         "",
         f"Data {info['dataset']}: distillation set {info['distill_size']} images "
-        f"({info['n_poisoned']} carry the trigger), trusted clean set {info['trusted_size']}, "
-        f"test set {info['test_size']}; seed {info['seed']}. ACC/ASR in %, ASR over triggered "
-        f"test images whose true class is not the target. DER against `{report['reference']}`.",
+        f"({carried}), trusted clean set {info['trusted_size']}, "
+        f"test set {info['test_size']}; seed {info['seed']}. ACC/ASR in %, {asr_note}; "
+        "agreement = test images on which the model predicts what the teacher predicts. "
+        f"DER against `{report['reference']}`.",
         "",
-        "| model | ACC | ASR | DER | params | FLOPs | flagged samples | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | ACC | ASR | agreement | DER | params | FLOPs | flagged samples | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     t = report["teacher"]
     lines.append(
-        f"| teacher | {_pct(t['acc'])} | {_pct(t['asr'])} | – | {t['params']:,} | "
+        f"| teacher | {_pct(t['acc'])} | {_asr(t['asr'], known)} | – | – | {t['params']:,} | "
         f"{t['flops']:,} | – | – |"
     )
     for name, r in report["methods"].items():
         flagged = r.get("flagged_samples", "–")
         d = f"{r['der']:.3f}" if "der" in r else "–"
         lines.append(
-            f"| {name} | {_pct(r['acc'])} | {_pct(r['asr'])} | {d} | {r['params']:,} | "
+            f"| {name} | {_pct(r['acc'])} | {_asr(r['asr'], known)} | "
+            f"{_pct(r.get('agreement'))} | {d} | {r['params']:,} | "
             f"{r['flops']:,} | {flagged} | {r.get('train_seconds', '–')} |"
         )
+    screens = [(n, r["screen_csv"]) for n, r in report["methods"].items() if r.get("screen_csv")]
+    for name, path in screens:
+        lines += ["", f"`{name}` screened samples, most suspicious first: `{Path(path).name}`."]
     if report.get("command"):
         lines += ["", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"

@@ -155,6 +155,9 @@ class MethodResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     detoxifier: Detoxifier | None = None
+    # robustkd's sample screen: per distillation sample, its score and whether it was withheld
+    screen_scores: torch.Tensor | None = None
+    withheld: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -169,7 +172,10 @@ def _student_for(
     data = scenario.distill
     seed_everything(config.seed)
     student = create_model(
-        name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size
+        name,
+        num_classes=scenario.test.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
     )
     try:
         with torch.no_grad():
@@ -213,14 +219,26 @@ def _evaluator(scenario: Scenario, size: int) -> Callable[[nn.Module], dict[str,
 
 
 def _final_metrics(
-    model: nn.Module, scenario: Scenario, method: str, config: DistillConfig
+    model: nn.Module,
+    scenario: Scenario,
+    method: str,
+    config: DistillConfig,
+    teacher_preds: torch.Tensor | None = None,
 ) -> dict[str, Any]:
+    from robustkd.metrics import predict
+
     model = model.cpu().eval()
     ev = evaluate(model, scenario.test, scenario.trigger, scenario.target, scenario.mode)
+    agreement = None
+    if teacher_preds is not None:  # how often the model predicts what the teacher predicts
+        test = scenario.test
+        preds = predict(model, test.images, test.mean, test.std, None)
+        agreement = float((preds.cpu() == teacher_preds.cpu()).float().mean())
     return {
         "method": method,
         "acc": ev.acc,
         "asr": ev.asr,
+        "agreement": agreement,
         "n_clean": ev.n_clean,
         "n_triggered": ev.n_triggered,
         "per_class_acc": ev.per_class_acc,
@@ -280,6 +298,12 @@ def distill_student(
         distiller = FeatureDistiller(s_ch, t_ch)
     harness = _Harness(student, distiller)
     withheld = withheld.to(device) if withheld is not None else None
+    labelled = data.labelled  # unlabelled distillation data: teacher signal only, no CE
+    if not labelled and not use_teacher:
+        raise ConfigError(
+            "The distillation set is unlabelled, so training on it needs the teacher's signal; "
+            "this method uses labels only (give labelled data, or choose a KD method)."
+        )
     low = normalize(torch.zeros(1, data.in_channels, 1, 1), data.mean, data.std).flatten()
     high = normalize(torch.ones(1, data.in_channels, 1, 1), data.mean, data.std).flatten()
     low, high = low.to(device), high.to(device)
@@ -293,7 +317,9 @@ def distill_student(
         xs = salt_and_pepper(x, noise_rate, low, high, noise_gen) if noise_rate > 0 else x
         logits = h(xs)
         keep = None if withheld is None else (~withheld[idx]).float()
-        if drop:
+        if not labelled:
+            loss = logits.new_zeros(())
+        elif drop:
             loss = weighted_mean(F.cross_entropy(logits, y, reduction="none"), keep)
         else:
             loss = F.cross_entropy(logits, y)
@@ -464,6 +490,12 @@ def run_method(
     METHODS.get(method)
     config.validate()
     shared = {} if shared is None else shared
+    if "teacher_preds" not in shared:
+        from robustkd.metrics import predict
+
+        test = scenario.test
+        shared["teacher_preds"] = predict(teacher.eval(), test.images, test.mean, test.std, None)
+    screen_scores = withheld = None
     teacher = teacher.eval()
     started = time.perf_counter()
     extra: dict[str, Any] = {}
@@ -495,10 +527,10 @@ def run_method(
                 )
             fit = shared["fit"]
             detox = fit.detoxifier(config.threshold, config.blend)
-            withheld = None
             if config.screen:
                 screen = fit_screen(teacher, fit, config.threshold, config.screen_quantile)
-                withheld = screen.flags(teacher, scenario.distill)
+                screen_scores = screen.scores(teacher, scenario.distill)
+                withheld = screen_scores > screen.threshold
                 extra.update(_screen_report(withheld, scenario.poisoned_mask, screen.threshold))
             extra["flagged_units"] = fit.flagged_units(config.threshold)
             extra["thresholds"] = fit.thresholds(config.threshold)
@@ -533,19 +565,25 @@ def run_method(
         history = distill_student(
             teacher, student, scenario, config, progress=progress, state_path=state(""), **kw
         )
-    metrics = _final_metrics(model, scenario, method, config)
+    metrics = _final_metrics(model, scenario, method, config, shared["teacher_preds"])
     metrics.update(extra)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
-    return MethodResult(method, model, metrics, history, detox)
+    return MethodResult(method, model, metrics, history, detox, screen_scores, withheld)
 
 
-def _screen_report(flags: torch.Tensor, truth: torch.Tensor, threshold: float) -> dict[str, Any]:
-    flags, truth = flags.cpu().bool(), truth.cpu().bool()
-    hit = int((flags & truth).sum())
-    return {
+def _screen_report(
+    flags: torch.Tensor, truth: torch.Tensor | None, threshold: float
+) -> dict[str, Any]:
+    flags = flags.cpu().bool()
+    out: dict[str, Any] = {
         "flagged_samples": int(flags.sum()),
         "screen_threshold": threshold,
-        # ground truth is known to the experiment, never to the defence: reported, not used
-        "screen_recall": hit / int(truth.sum()) if truth.any() else None,
-        "screen_precision": hit / int(flags.sum()) if flags.any() else None,
+        "screen_recall": None,
+        "screen_precision": None,
     }
+    if truth is not None:  # ground truth is known to a simulation, never to the defence
+        truth = truth.cpu().bool()
+        hit = int((flags & truth).sum())
+        out["screen_recall"] = hit / int(truth.sum()) if truth.any() else None
+        out["screen_precision"] = hit / int(flags.sum()) if flags.any() else None
+    return out

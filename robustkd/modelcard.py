@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from robustkd.data import ImageDataset
+from robustkd.errors import ConfigError
 from robustkd.models.complexity import count_flops, count_parameters
 
 
@@ -63,3 +65,35 @@ def model_card(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Mode
         metrics=meta.get("metrics"),
         metadata={k: v for k, v in meta.items() if k != "history"},
     )
+
+
+def normalized_for(meta: dict[str, Any], data: ImageDataset) -> ImageDataset:
+    """``data`` carrying the normalisation the model of ``meta`` expects (its own, if none)."""
+    norm = meta.get("normalization")
+    if not isinstance(norm, dict):
+        return data
+    mean, std = tuple(norm.get("mean") or ()), tuple(norm.get("std") or ())
+    if len(mean) != data.in_channels or len(std) != data.in_channels:
+        raise ConfigError(
+            f"The model's normalisation has {len(mean)} value(s) per statistic but the data has "
+            f"{data.in_channels} channel(s); re-import the model with matching --mean/--std."
+        )
+    return data.replace(mean=mean, std=std)
+
+
+def check_fits_data(meta: dict[str, Any], data: ImageDataset, what: str) -> None:
+    """A model of ``meta`` must take ``data``'s input shape and predict its classes."""
+    args = meta.get("model_args") or {}
+    shape = input_shape_of(meta)
+    if tuple(data.input_shape) != shape:
+        raise ConfigError(
+            f"The teacher takes {shape[0]}×{shape[1]}×{shape[2]} images but the {what} holds "
+            f"{data.in_channels}×{data.image_size[0]}×{data.image_size[1]}; give data of the "
+            "teacher's input shape (or --in-channels/--image-size for the teacher)."
+        )
+    k = args.get("num_classes")
+    if data.classes and k is not None and data.num_classes != k:
+        raise ConfigError(
+            f"The teacher predicts {k} classes but the {what} has {data.num_classes}; give "
+            "data with the teacher's classes."
+        )

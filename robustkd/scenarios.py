@@ -4,9 +4,15 @@
 - ``untrusted``: a fraction of the distillation images carry the trigger, labels untouched;
   the defender does not know which.
 - ``teacher-train``: distillation on the teacher's own poisoned training set.
+- ``as-is``: the real case — the distillation data exactly as given (a user's own folder or
+  file, or a data set's training split), poisoned or not; nothing is planted and the trigger
+  may be unknown.
 
-In every scenario the defender also holds a small trusted clean set, disjoint from the
-distillation set, and a validation split for choosing hyper-parameters (never the test set).
+The first three are simulations for research and teaching. Any of the three image sets
+(distillation, trusted, test) may be the user's own data (``DataSources``); what is not given
+comes from the teacher's named data set. In every scenario the defender also holds a small
+trusted clean set, disjoint from the distillation set, and a validation split for choosing
+hyper-parameters (never the test set).
 """
 
 from __future__ import annotations
@@ -21,14 +27,27 @@ from robustkd.errors import ConfigError
 from robustkd.poison import poison_dataset
 from robustkd.triggers import Trigger, trigger_from_dict
 
-SCENARIOS = ("clean", "untrusted", "teacher-train")
+SCENARIOS = ("clean", "untrusted", "teacher-train", "as-is")
+
+
+@dataclasses.dataclass
+class DataSources:
+    """The user's own image sets; ``None`` takes the teacher's named data set instead."""
+
+    distill: ImageDataset | None = None
+    trusted: ImageDataset | None = None
+    test: ImageDataset | None = None
+
+    def any(self) -> bool:
+        return any(d is not None for d in (self.distill, self.trusted, self.test))
 
 
 @dataclasses.dataclass
 class Scenario:
     name: str
     distill: ImageDataset
-    poisoned_mask: torch.Tensor  # ground truth for reports only; the defender never sees it
+    # ground truth for reports only (the defender never sees it); None when unknown (as-is)
+    poisoned_mask: torch.Tensor | None
     trusted: ImageDataset
     validation: ImageDataset
     test: ImageDataset
@@ -48,43 +67,56 @@ def build_scenario(
     seed: int = 0,
     trigger: Trigger | None = None,
     data_root: str | None = None,
+    sources: DataSources | None = None,
+    target: int | None = None,
 ) -> Scenario:
-    """Assemble the data of scenario ``name`` for a teacher described by ``teacher_meta``."""
+    """Assemble the data of scenario ``name`` for a teacher described by ``teacher_meta``.
+
+    ``sources`` holds the user's own image sets (used exactly as given, never subsampled);
+    ``trigger``/``target`` override what the teacher records.
+    """
+    from robustkd.modelcard import check_fits_data, normalized_for
+
     if name not in SCENARIOS:
         raise ConfigError(f"Unknown scenario {name!r}; choose one of: {', '.join(SCENARIOS)}.")
     if not 0 <= rate <= 1:
         raise ConfigError(f"The poisoning rate must lie between 0 and 1; got {rate}.")
-    if trusted_size < 4:
+    sources = sources or DataSources()
+    if trusted_size < 4 and sources.trusted is None:
         raise ConfigError(
             f"The trusted clean set needs at least 4 images (100+ advised); got {trusted_size}."
         )
     if trigger is None and teacher_meta.get("trigger"):
         trigger = trigger_from_dict(teacher_meta["trigger"])
-    target = teacher_meta.get("target")
+    if target is None:
+        target = teacher_meta.get("target")
     mode = teacher_meta.get("attack_mode") or "all-to-one"
-    if name != "clean" and (trigger is None or target is None):
+    if name in ("untrusted", "teacher-train") and (trigger is None or target is None):
         raise ConfigError(
-            f"Scenario {name!r} needs a trigger and a target class, and the teacher records "
-            "none; pass --trigger and --target, or use scenario 'clean'."
+            f"Scenario {name!r} needs a trigger and a target class to plant, and the teacher "
+            "records none; pass --trigger and --target, or use scenario 'as-is' or 'clean'."
         )
-    dataset = teacher_meta.get("dataset") or "fashion-mnist"
-    train = load_dataset(dataset, "train", data_root)
-    val = load_dataset(dataset, "val", data_root)
-    test = load_dataset(dataset, "test", data_root)
-    norm = teacher_meta.get("normalization")
-    if norm:  # every image set is normalised as the teacher expects
-        train, val, test = (
-            d.replace(mean=tuple(norm["mean"]), std=tuple(norm["std"])) for d in (train, val, test)
+    if trigger is not None and target is None:
+        raise ConfigError("A trigger needs its target class to measure ASR; pass --target N.")
+    dataset = teacher_meta.get("dataset")
+    if dataset is None and not sources.any():
+        dataset = "fashion-mnist"
+    named = _NamedSplits(dataset, data_root)
+    if name == "teacher-train" and sources.distill is not None:
+        raise ConfigError(
+            "Scenario 'teacher-train' rebuilds the teacher's own training set; use 'as-is' to "
+            "distil on your own data."
         )
-    if test_size is not None:
-        test = test.subset(range(min(test_size, len(test))))
     g = torch.Generator().manual_seed(seed)
-
+    test = sources.test if sources.test is not None else named.get("test", "--test-data")
+    poisoned: torch.Tensor | None
     if name == "teacher-train":
+        train = named.get("train", "--distill-data")
         distill, poisoned = _teacher_training_set(train, teacher_meta, trigger, data_root)
         if distill_size is not None and distill_size < len(distill):
             keep = torch.randperm(len(distill), generator=g)[:distill_size].sort().values
             distill, poisoned = distill.subset(keep), poisoned[keep]
+        val = named.get("val", "--trusted-data")
         if trusted_size >= len(val):
             raise ConfigError(
                 f"Scenario 'teacher-train' draws the trusted set from the {len(val)} validation "
@@ -94,36 +126,128 @@ def build_scenario(
             val.subset(range(trusted_size)),
             val.subset(range(trusted_size, len(val))),
         )
+        if sources.trusted is not None:
+            trusted = sources.trusted
     else:
-        size = len(train) - trusted_size if distill_size is None else distill_size
-        if size < 1 or size + trusted_size > len(train):
-            raise ConfigError(
-                f"The distillation set ({size}) and the trusted set ({trusted_size}) must fit in "
-                f"the {len(train)} training images; choose smaller sizes."
-            )
-        order = torch.randperm(len(train), generator=g)
-        distill = train.subset(order[:size].sort().values)
-        trusted = train.subset(order[size : size + trusted_size].sort().values)
-        validation = val
-        poisoned = torch.zeros(len(distill), dtype=torch.bool)
+        distill, trusted = sources.distill, sources.trusted
+        if distill is None or trusted is None:
+            train = named.get("train", "--distill-data and --trusted-data")
+            order = torch.randperm(len(train), generator=g)
+            n_trusted = 0 if trusted is not None else trusted_size
+            if distill is None:
+                size = len(train) - n_trusted if distill_size is None else distill_size
+                if size < 1 or size + n_trusted > len(train):
+                    raise ConfigError(
+                        f"The distillation set ({size}) and the trusted set ({n_trusted}) must "
+                        f"fit in the {len(train)} training images; choose smaller sizes."
+                    )
+                distill = train.subset(order[:size].sort().values)
+                order = order[size:]
+            if trusted is None:
+                if trusted_size > len(order):
+                    raise ConfigError(
+                        f"Cannot draw a trusted set of {trusted_size} from the {len(order)} "
+                        "training images left; choose a smaller --trusted-size."
+                    )
+                trusted = train.subset(order[:trusted_size].sort().values)
+        validation = named.get("val", None) if named.available else None
+        if validation is None:
+            validation = trusted  # the defender's only clean data
+        poisoned = None if name == "as-is" else torch.zeros(len(distill), dtype=torch.bool)
         if name == "untrusted" and rate > 0:
             assert trigger is not None and target is not None
             result = poison_dataset(
                 distill, trigger, rate, target, mode=mode, keep_labels=True, seed=seed
             )
             distill, poisoned = result.dataset, result.poisoned_mask
+    if test_size is not None:
+        test = test.subset(range(min(test_size, len(test))))
+    for what, d in (("trusted set", trusted), ("test set", test), ("validation set", validation)):
+        if not d.labelled:
+            raise ConfigError(
+                f"The {what} holds unlabelled images; only the distillation set may be "
+                "unlabelled (give an ImageFolder tree or an .npz with labels)."
+            )
+    for what, d in (("distillation set", distill), ("trusted set", trusted)):
+        _check_same_classes(d, test, what)
+    labelled = distill.labelled
+    if not distill.classes:  # unlabelled: the student still predicts the test set's classes
+        distill = distill.replace(classes=test.classes)
+    sets = {"distillation set": distill, "trusted set": trusted, "test set": test}
+    sets["validation set"] = validation
+    for what, d in sets.items():
+        check_fits_data(teacher_meta, d, what)
+    distill, trusted, validation, test = (
+        normalized_for(teacher_meta, d) for d in (distill, trusted, validation, test)
+    )
+    if trigger is not None and not 0 <= int(target) < test.num_classes:  # type: ignore[arg-type]
+        raise ConfigError(
+            f"The target class must lie between 0 and {test.num_classes - 1}; got {target}."
+        )
     info = {
         "scenario": name,
         "rate": rate if name == "untrusted" else None,
         "trusted_size": len(trusted),
         "distill_size": len(distill),
-        "n_poisoned": int(poisoned.sum()),
+        "n_poisoned": int(poisoned.sum()) if poisoned is not None else None,
         "validation_size": len(validation),
         "test_size": len(test),
-        "dataset": dataset,
+        "dataset": dataset if not sources.any() else _describe(sources, dataset),
+        "labelled": labelled,
+        "trigger_known": trigger is not None,
         "seed": seed,
     }
     return Scenario(name, distill, poisoned, trusted, validation, test, trigger, target, mode, info)
+
+
+def _check_same_classes(data: ImageDataset, test: ImageDataset, what: str) -> None:
+    """Both sets must name the same classes in the same order (ImageFolder: sorted folders).
+
+    Classes known only by number (an ``.npz`` without names) are compared by count.
+    """
+    if not data.classes:
+        return
+    numbered = tuple(str(i) for i in range(max(len(data.classes), len(test.classes))))
+    same = len(data.classes) == len(test.classes)
+    if same and numbered[: len(data.classes)] not in (tuple(data.classes), tuple(test.classes)):
+        same = tuple(data.classes) == tuple(test.classes)
+    if not same:
+        raise ConfigError(
+            f"The {what}'s classes ({', '.join(data.classes[:4])}, …) differ from the test "
+            f"set's ({', '.join(test.classes[:4])}, …); give both the same classes in the same "
+            "order."
+        )
+
+
+class _NamedSplits:
+    """The teacher's named data set, loaded only for the splits the scenario needs."""
+
+    def __init__(self, dataset: str | None, data_root: str | None) -> None:
+        self.dataset = dataset
+        self.data_root = data_root
+        self._cache: dict[str, ImageDataset] = {}
+
+    @property
+    def available(self) -> bool:
+        return self.dataset is not None
+
+    def get(self, split: str, option: str | None) -> ImageDataset:
+        if self.dataset is None:
+            raise ConfigError(
+                f"The teacher records no data set to take its {split} images from; give "
+                f"{option} (or import the teacher with --dataset NAME)."
+            )
+        if split not in self._cache:
+            self._cache[split] = load_dataset(self.dataset, split, self.data_root)
+        return self._cache[split]
+
+
+def _describe(sources: DataSources, dataset: str | None) -> str:
+    parts = []
+    for what, d in (("distill", sources.distill), ("trusted", sources.trusted),
+                    ("test", sources.test)):  # fmt: skip
+        parts.append(f"{what}: {d.name if d is not None else dataset}")
+    return "; ".join(parts)
 
 
 def scenario_from_plan(
@@ -131,6 +255,9 @@ def scenario_from_plan(
     teacher_meta: dict[str, Any],
     seed: int = 0,
     data_root: str | None = None,
+    sources: DataSources | None = None,
+    trigger: Trigger | None = None,
+    target: int | None = None,
 ) -> Scenario:
     """The scenario a preset's distillation plan names (its ``scenario``, ``rate``,
     ``trusted_size``, ``distill_size`` and optional ``test_size``)."""
@@ -143,6 +270,9 @@ def scenario_from_plan(
         test_size=plan.get("test_size"),
         seed=seed,
         data_root=data_root,
+        sources=sources,
+        trigger=trigger,
+        target=target,
     )
 
 

@@ -210,7 +210,8 @@ def test_checkpoint_of_another_architecture(tmp_path: Path, capsys) -> None:
         },
     )
     code, _, err = run(["info", str(path), "--arch", "small-cnn"], capsys)
-    _one_line_error(code, err, "does not fit architecture")
+    _one_line_error(code, err, "do not fit 'small-cnn'")
+    assert "--arch small-cnn-student" in err  # names the architecture that would fit
     torch.save(create_model("small-cnn").state_dict(), tmp_path / "big.pt")
     code, _, err = run(
         ["evaluate", str(tmp_path / "big.pt"), "--arch", "small-cnn", "--num-classes", "100"],
