@@ -1,28 +1,64 @@
-"""Cached loaders, the current teacher and the sidebar shared by every page.
+"""Cached loaders, the current teacher, the user's data and the sidebar shared by every page.
 
 Pages call ``current_teacher()`` / ``test_set_for(meta)`` and never load files themselves; a
 user's mistake surfaces as a ``RobustKDError`` whose message ``show_error`` displays.
+
+Session keys: ``teacher_path`` (the checkpoint in use), ``teacher_args`` (the ``ModelOptions``
+fields it is loaded with, a plain JSON-able dict; ``{}`` = what the file records) and
+``user_data`` (``{"distill": path | None, "trusted": ..., "test": ...}``, the user's own image
+sets). Uploads are kept per content under the runs folder, so two files of the same name never
+overwrite each other and nothing a user uploads is lost.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 import torch
 
-from robustkd.checkpoints import load_checkpoint
+from robustkd.checkpoints import read_metadata
 from robustkd.cli import DEFAULT_TEACHER
-from robustkd.data import ImageDataset, load_dataset
+from robustkd.data import ImageDataset, dataset_names, load_dataset
 from robustkd.device import device_label, resolve_device
-from robustkd.errors import RobustKDError
-from robustkd.runs import Run, default_runs_root, list_runs, refresh_state, validate_name
+from robustkd.errors import ConfigError, DataError, RobustKDError
+from robustkd.importer import ModelOptions, import_checkpoint
+from robustkd.importer import load_model as import_model
+from robustkd.modelcard import check_fits_data, normalized_for
+from robustkd.runs import (
+    Run,
+    atomic_write_text,
+    default_runs_root,
+    list_runs,
+    refresh_state,
+    validate_name,
+)
 
 # Tests point the app at a tiny teacher through this variable.
 TEACHER_ENV = "ROBUSTKD_TEACHER"
-UPLOADS = "uploads"  # sub-folder of the runs root where uploaded checkpoints are kept
+UPLOADS = "uploads"  # sub-folder of the runs root where uploaded files are kept
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+DATA_SUFFIXES = (".zip", ".npz")
+# the user's image sets: session key → what the messages call it
+DATA_ROLES = {"distill": "distillation set", "trusted": "trusted clean set", "test": "test set"}
+# which of the user's sets stands in for a split of a named data set
+SPLIT_ROLES = {"test": "test", "val": "trusted"}
+ARCH_AUTO = "recognise from the keys"
+DATA_RECORDED = "as recorded"
+DATA_UPLOADED = "my uploaded data"
+NORMALISATIONS = {
+    "recorded (else the data set's)": None,
+    "none (pixels in [0, 1])": "none",
+    "the data set's": "dataset",
+    "explicit mean & std": "explicit",
+}
+OPTION_KEYS = tuple(f.name for f in ModelOptions.__dataclass_fields__.values())
 
 
 def runs_root() -> Path:
@@ -38,17 +74,103 @@ def teacher_path() -> Path:
     return Path(st.session_state.get("teacher_path") or default_teacher_path())
 
 
+def teacher_options() -> dict[str, Any]:
+    """The model options the current teacher is loaded with (``{}``: what the file records)."""
+    return dict(st.session_state.get("teacher_args") or {})
+
+
+def model_options(options: dict[str, Any] | None) -> ModelOptions:
+    """A plain options dict (as kept in the session) as a validated ``ModelOptions``."""
+    values = {k: v for k, v in (options or {}).items() if k in OPTION_KEYS}
+    for key in ("mean", "std", "image_size"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    return ModelOptions(**values).validate()
+
+
+# --------------------------------------------------------------------------- the user's data
+
+
+def user_data() -> dict[str, str | None]:
+    """Paths of the user's own image sets in this session (None: the teacher's data set's)."""
+    current = st.session_state.get("user_data")
+    if not isinstance(current, dict):
+        current = st.session_state["user_data"] = {}
+    for role in DATA_ROLES:  # in place: callers may set a role on what they got
+        value = current.get(role)
+        current[role] = value if isinstance(value, str) and value else None
+    return current
+
+
+@st.cache_resource(show_spinner="Reading your images …", max_entries=12)
+def load_user_set(path: str, role: str) -> ImageDataset:
+    """One of the user's image sets, cached per file (uploads never change: kept per content)."""
+    from robustkd.userdata import load_user_data
+
+    where = Path(path)
+    name = where.stem if where.is_file() else where.name
+    if name.startswith("data-"):  # the folder we extracted an archive without a top folder into
+        name = f"your {DATA_ROLES[role]}"
+    return load_user_data(where, name=name, allow_unlabelled=role == "distill")
+
+
+def user_data_set(role: str) -> ImageDataset | None:
+    """The user's ``role`` set (``distill``, ``trusted`` or ``test``), or None if not given."""
+    path = user_data().get(role)
+    if not path:
+        return None
+    if not Path(path).exists():
+        raise DataError(
+            f"Your uploaded {DATA_ROLES[role]} is no longer on the server; upload it again."
+        )
+    return load_user_set(path, role)
+
+
+def reference_data() -> tuple[str, str] | None:
+    """(role, path) of the user's set that tells a teacher its input shape and classes.
+
+    The same order as the command line: the test set, else the trusted set, else the
+    distillation set.
+    """
+    paths = user_data()
+    return next(((r, paths[r]) for r in ("test", "trusted", "distill") if paths[r]), None)
+
+
+def describe_data(data: ImageDataset) -> str:
+    """Its size in words: N images, C×H×W, K classes (or unlabelled)."""
+    c, h, w = data.input_shape
+    kind = f"{data.num_classes} classes" if data.labelled else "unlabelled"
+    return f"{len(data):,} images, {c}×{h}×{w}, {kind}"
+
+
+# --------------------------------------------------------------------------- models
+
+
 @st.cache_resource(show_spinner="Loading the model …", max_entries=16)
 def load_model(
-    path: str, mtime: float, arch: str | None = None, num_classes: int | None = None
+    path: str,
+    mtime: float,
+    options: dict[str, Any] | None = None,
+    data: tuple[str, str] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A checkpoint's model and metadata, cached per file version."""
-    model, meta = load_checkpoint(path, architecture=arch, num_classes=num_classes)
-    meta.setdefault("dataset", "fashion-mnist")
-    if not meta.get("classes"):  # a bare state dict: name the classes after its data set
-        classes = load_split(meta["dataset"]).classes
-        k = meta.get("model_args", {}).get("num_classes", len(classes))
-        meta["classes"] = list(classes) if k == len(classes) else [str(i) for i in range(k)]
+    """A checkpoint's model and metadata, cached per file version, options and reference data.
+
+    ``options`` holds ``ModelOptions`` fields as plain values; ``data`` is ``(role, path)`` of
+    the user's set that fills in what neither the file nor the options say.
+    """
+    reference = load_user_set(data[1], data[0]) if data else None
+    model, meta = import_model(path, model_options(options), reference)
+    if not meta.get("dataset") and reference is None:
+        meta["dataset"] = "fashion-mnist"  # the default data, as on the command line
+    k = meta.get("model_args", {}).get("num_classes")
+    if not meta.get("classes") or len(meta["classes"]) != k:
+        classes: tuple[str, ...] = ()
+        if meta.get("dataset"):
+            try:  # a bare state dict: name the classes after its data set
+                classes = load_split(meta["dataset"]).classes
+            except RobustKDError:
+                classes = ()
+        meta["classes"] = list(classes) if len(classes) == k else [str(i) for i in range(k)]
     return model.eval(), meta
 
 
@@ -61,25 +183,32 @@ def current_teacher() -> tuple[torch.nn.Module, dict[str, Any]]:
     path = teacher_path()
     if not path.exists():
         raise RobustKDError(
-            f"The teacher checkpoint {path} is missing; rebuild it with 'make teacher' or pick "
-            "another teacher in the sidebar."
+            f"The teacher checkpoint {path.name} is missing; rebuild it with 'make teacher' or "
+            "pick another teacher in the sidebar."
         )
-    extra = st.session_state.get("teacher_args") or {}
-    return load_model(str(path), path.stat().st_mtime, **extra)
+    return load_model(str(path), path.stat().st_mtime, teacher_options(), reference_data())
 
 
 def test_set_for(meta: dict[str, Any], split: str = "test") -> ImageDataset:
-    """A split of the teacher's data, normalised as the teacher expects."""
-    data = load_split(meta.get("dataset") or "fashion-mnist", split)
-    k = meta.get("model_args", {}).get("num_classes", data.num_classes)
-    shape = tuple(meta.get("input_shape") or data.input_shape)
-    if k != data.num_classes or shape != data.input_shape:
-        raise RobustKDError(
-            f"This model takes {shape} inputs with {k} classes but {data.name} has "
-            f"{data.input_shape} images in {data.num_classes} classes; pick a model for this data."
-        )
-    norm = meta.get("normalization")
-    return data.replace(mean=tuple(norm["mean"]), std=tuple(norm["std"])) if norm else data
+    """A split of the teacher's data, normalised as the teacher expects.
+
+    The user's own test set stands in for ``test`` and their trusted clean set for ``val``
+    (the defender's clean data) when they uploaded one.
+    """
+    role = SPLIT_ROLES.get(split)
+    data = user_data_set(role) if role else None
+    what = f"uploaded {DATA_ROLES[role]}" if data is not None and role else ""
+    if data is None:
+        name = meta.get("dataset") or "fashion-mnist"
+        data = load_split(name, split)
+        what = f"{name} {split} split"
+    check_fits_data(meta, data, what)
+    return normalized_for(meta, data)
+
+
+def data_key() -> dict[str, str | None]:
+    """What the current data depends on, for caches keyed on the teacher and its data."""
+    return dict(user_data())
 
 
 def show_error(exc: BaseException) -> None:
@@ -87,19 +216,71 @@ def show_error(exc: BaseException) -> None:
     st.error(str(exc) if isinstance(exc, RobustKDError) else f"Unexpected error: {exc}")
 
 
-def save_upload(name: str, data: bytes) -> Path:
-    """Keep an uploaded checkpoint under the runs folder (nothing a user uploads is lost)."""
+# --------------------------------------------------------------------------- uploads
+
+
+def _safe_name(name: str, suffixes: tuple[str, ...], what: str) -> str:
     stem, suffix = Path(name).stem, Path(name).suffix.lower()
-    if suffix not in (".safetensors", ".pt", ".pth"):
-        raise RobustKDError(
-            f"{name} is not a checkpoint file; upload a .safetensors file or a .pt/.pth state dict."
-        )
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in stem)[:80] or "upload"
-    folder = runs_root() / UPLOADS
+    if suffix not in suffixes:
+        raise DataError(what.format(name=name))
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in stem)[:80].lstrip("._-")
+    return validate_name(f"{safe or 'upload'}{suffix}", "file name")
+
+
+def _keep(folder: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``folder/name`` atomically, unless an upload of it is already there."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / validate_name(f"{safe}{suffix}", "file name")
-    path.write_bytes(data)
+    path = folder / name
+    if path.is_file() and path.stat().st_size == len(data):
+        return path  # the same content under the same name: already kept
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def _content_folder(data: bytes, *parts: str) -> Path:
+    return runs_root().joinpath(UPLOADS, *parts, hashlib.sha256(data).hexdigest()[:16])
+
+
+def save_upload(name: str, data: bytes) -> Path:
+    """Keep an uploaded checkpoint under the runs folder, per content (nothing is lost)."""
+    safe = _safe_name(
+        name,
+        CHECKPOINT_SUFFIXES,
+        "{name} is not a checkpoint file; upload a .safetensors file or a .pt/.pth state dict.",
+    )
+    return _keep(_content_folder(data), safe, data)
+
+
+def save_data_upload(name: str, data: bytes) -> Path:
+    """Keep an uploaded data set (a .zip or an .npz) per content; return its data root."""
+    safe = _safe_name(
+        name,
+        DATA_SUFFIXES,
+        "{name} is neither a .zip nor an .npz file; upload a .zip of an ImageFolder tree, of a "
+        "folder of images or of one .npz, or the .npz itself.",
+    )
+    folder = _content_folder(data, "data")
+    path = _keep(folder, safe, data)
+    if path.suffix == ".npz":
+        return path
+    marker = folder / "root.txt"  # where the archive's data starts, once extracted
+    if marker.is_file():
+        root = (folder / marker.read_text(encoding="utf-8").strip()).resolve()
+        if root.exists() and root.is_relative_to(folder.resolve()):
+            return root
+    from robustkd.userdata import extract_zip
+
+    # a fresh folder per extraction: two sessions uploading the same archive never collide
+    root = extract_zip(path, folder / f"data-{uuid.uuid4().hex[:8]}")
+    atomic_write_text(marker, str(root.relative_to(folder)))
+    return root
 
 
 def run_checkpoints() -> dict[str, Path]:
@@ -110,6 +291,128 @@ def run_checkpoints() -> dict[str, Path]:
             if not ckpt.name.endswith("-detox.safetensors"):
                 found[f"{run.id} / {ckpt.stem}"] = ckpt
     return found
+
+
+# --------------------------------------------------------------------------- sidebar widgets
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values:
+        raise ConfigError(
+            f"The {what} must be numbers separated by commas, one per input channel, such as "
+            "0.5,0.5,0.5."
+        )
+    return values
+
+
+def _option_widgets() -> dict[str, Any]:
+    """The model options a user may give for an uploaded checkpoint, as a plain dict."""
+    from robustkd.models import model_names
+    from robustkd.models.interop import LAYOUTS
+
+    with st.expander("Model options (what the file does not record)"):
+        arch = st.selectbox("Architecture", [ARCH_AUTO, *model_names()], key="teacher_arch")
+        classes = st.number_input(
+            "Classes (0 = read from the weights)", 0, 100_000, 0, key="teacher_classes"
+        )
+        channels = st.number_input(
+            "Input channels (0 = from the weights)", 0, 64, 0, key="teacher_channels"
+        )
+        size = st.number_input("Image size (0 = the data's)", 0, 4096, 0, key="teacher_size")
+        norm_label = st.selectbox("Normalisation", list(NORMALISATIONS), key="teacher_norm")
+        norm = NORMALISATIONS[norm_label]
+        mean = std = None
+        if norm == "explicit":
+            mean = st.text_input("Mean (one per channel)", "0.5", key="teacher_mean")
+            std = st.text_input("Std (one per channel)", "0.25", key="teacher_std")
+        layout = st.selectbox("Source layout", LAYOUTS, key="teacher_layout")
+        dataset = st.selectbox(
+            "Trained on",
+            [DATA_RECORDED, *dataset_names(), DATA_UPLOADED],
+            key="teacher_dataset",
+            help="Names its classes; 'my uploaded data' takes shape and classes from the data "
+            "you upload below.",
+        )
+    options: dict[str, Any] = {
+        "architecture": None if arch == ARCH_AUTO else arch,
+        "num_classes": int(classes) or None,
+        "in_channels": int(channels) or None,
+        "image_size": int(size) or None,
+        "normalization": None if norm == "explicit" else norm,
+        "mean": _floats(mean, "mean") if mean is not None else None,
+        "std": _floats(std, "std") if std is not None else None,
+        "layout": layout,
+        "dataset": None if dataset in (DATA_RECORDED, DATA_UPLOADED) else dataset,
+    }
+    if dataset == DATA_UPLOADED and reference_data() is None:
+        raise ConfigError(
+            "You chose 'my uploaded data' but have uploaded no data; upload your test set under "
+            "'Your data' first, or pick the data set the teacher was trained on."
+        )
+    options = {k: v for k, v in options.items() if v is not None and v != "auto"}
+    model_options(options)  # refuse what cannot work before anything is switched
+    return options
+
+
+def _use_checkpoint(upload: Any, widgets: dict[str, Any] | Exception) -> None:
+    try:
+        if isinstance(widgets, Exception):
+            raise widgets
+        path = save_upload(upload.name, upload.getvalue())
+        _, meta = load_model(str(path), path.stat().st_mtime, widgets, reference_data())
+        test_set_for(meta)  # validates before switching: nothing in use is lost
+    except RobustKDError as exc:
+        show_error(exc)
+        return
+    st.session_state["teacher_path"] = str(path)
+    st.session_state["teacher_args"] = widgets
+    st.success(f"Now using {upload.name} ({meta.get('architecture')}).")
+
+
+def _import_current() -> None:
+    """Save the uploaded teacher with its metadata beside the upload and switch to it."""
+    path, options = teacher_path(), teacher_options()
+    try:
+        _, meta = current_teacher()
+        name = f"{path.stem}.safetensors"
+        if path.suffix == ".safetensors" or (path.parent / name).exists():
+            digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+            name = f"{path.stem}-imported-{digest[:8]}.safetensors"
+        out = path.parent / validate_name(name, "file name")
+        ref = reference_data()
+        data = load_user_set(ref[1], ref[0]) if ref else None
+        extra = {k: meta[k] for k in ("dataset", "classes") if meta.get(k)}
+        if not out.exists():
+            import_checkpoint(path, out, model_options(options), data, extra)
+    except RobustKDError as exc:
+        show_error(exc)
+        return
+    st.session_state["teacher_path"] = str(out)
+    st.session_state["teacher_args"] = {}
+    st.success(f"Imported as {out.name}, with its metadata; now using it.")
+
+
+def _in_uploads(path: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to((runs_root() / UPLOADS).resolve())
+    except OSError:
+        return False
+
+
+def _importable(path: Path) -> bool:
+    """An uploaded teacher whose file does not (yet) say everything about it."""
+    if not _in_uploads(path):
+        return False
+    if teacher_options():
+        return True
+    try:
+        return not read_metadata(path).get("architecture")
+    except RobustKDError:
+        return False
 
 
 def pick_teacher() -> None:
@@ -129,33 +432,60 @@ def pick_teacher() -> None:
         st.session_state["teacher_path"] = str(options[label])
         st.session_state["teacher_args"] = {}
     else:
-        from robustkd.models import model_names
-
         upload = st.file_uploader(
             "Checkpoint (.safetensors, .pt, .pth)",
             key="teacher_upload",
             type=["safetensors", "pt", "pth"],
         )
-        arch = st.selectbox(
-            "Architecture (for a bare state dict)",
-            ["from metadata", *model_names()],
-            key="teacher_arch",
-        )
-        classes = st.number_input("Classes", 2, 1000, 10, key="teacher_classes")
+        try:
+            widgets: dict[str, Any] | Exception = _option_widgets()
+        except RobustKDError as exc:
+            widgets = exc  # shown when the user asks to use the checkpoint
         if upload is not None and st.button("Use this checkpoint", key="teacher_use"):
-            try:
-                path = save_upload(upload.name, upload.getvalue())
-                args = (
-                    {} if arch == "from metadata" else {"arch": arch, "num_classes": int(classes)}
-                )
-                _, meta = load_model(str(path), path.stat().st_mtime, **args)
-                test_set_for(meta)  # validates before switching: nothing in use is lost
-            except RobustKDError as exc:
-                show_error(exc)
-                return
-            st.session_state["teacher_path"] = str(path)
-            st.session_state["teacher_args"] = args
-            st.success(f"Now using {upload.name}.")
+            _use_checkpoint(upload, widgets)
+        if _importable(teacher_path()) and st.button(
+            "Import (save with metadata)",
+            key="teacher_import",
+            help="Writes a .safetensors file that records architecture, classes, input shape "
+            "and normalisation, so it loads with no options anywhere.",
+        ):
+            _import_current()
+
+
+def pick_data() -> None:
+    """Sidebar expander: the user's distillation, trusted clean and test sets."""
+    paths = user_data()
+    with st.expander("Your data", expanded=any(paths.values())):
+        st.caption(
+            "A .zip of an ImageFolder tree (one folder per class), of a folder of images or of "
+            "one .npz; or an .npz (x: N×H×W[×C] uint8, optional y). Only the distillation set "
+            "may be unlabelled."
+        )
+        for role, what in DATA_ROLES.items():
+            upload = st.file_uploader(
+                what.capitalize(), type=["zip", "npz"], key=f"data_upload_{role}"
+            )
+            seen = f"data_seen_{role}"
+            if upload is not None and st.session_state.get(seen) != upload.file_id:
+                st.session_state[seen] = upload.file_id  # each upload is read once
+                try:
+                    path = save_data_upload(upload.name, upload.getvalue())
+                    load_user_set(str(path), role)
+                except RobustKDError as exc:
+                    show_error(exc)  # the set in use (if any) stays
+                else:
+                    paths[role] = str(path)
+            if paths[role]:
+                try:
+                    data = user_data_set(role)
+                except RobustKDError as exc:
+                    show_error(exc)
+                    continue
+                assert data is not None
+                st.caption(f"{what.capitalize()}: `{data.name}` — {describe_data(data)}")
+                if st.button("Forget", key=f"data_forget_{role}"):
+                    paths[role] = None
+                    st.rerun()
 
 
 def pick_run() -> Run | None:
@@ -172,14 +502,17 @@ def pick_run() -> Run | None:
 
 
 def sidebar() -> None:
-    """Teacher, data set, device and run picker, on every page."""
+    """Teacher, data, device and run picker, on every page."""
     with st.sidebar:
         st.markdown("### RobustKD Studio")
         pick_teacher()
+        pick_data()
         try:
             _, meta = current_teacher()
             st.caption(f"Teacher: `{teacher_path().name}` ({meta.get('architecture')})")
-            st.caption(f"Data: {meta.get('dataset', 'unknown')}")
+            test = user_data_set("test")
+            data = f"your test set `{test.name}`" if test is not None else meta.get("dataset")
+            st.caption(f"Data: {data or 'unknown'}")
         except RobustKDError as exc:
             show_error(exc)
         st.caption(f"Device: {device_label(resolve_device('auto'))}")

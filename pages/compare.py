@@ -3,9 +3,12 @@ cost, per-class accuracy, training curves and the report files to download."""
 
 from __future__ import annotations
 
+import csv
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -15,7 +18,7 @@ from robustkd.errors import RobustKDError
 from robustkd.figures import acc_asr_bars, per_class_bars, training_curves
 from robustkd.modelcard import input_shape_of
 from robustkd.profiling import latency_per_image, report_rows
-from robustkd.runs import REPORT_FILE, Run, list_runs
+from robustkd.runs import REPORT_FILE, Run, list_runs, validate_name
 
 REPORT_FILES = (("report.md", "text/markdown"), ("report.json", "application/json"))
 REPORT_FILES += (("report.csv", "text/csv"),)
@@ -64,6 +67,87 @@ def _classes(report: dict) -> list[str] | None:
     return None
 
 
+def table_rows(report: dict) -> list[dict]:
+    """The cost table with the agreement column; ASR reads "unknown" when no trigger is known."""
+    rows = report_rows(report, _measure)
+    known = report["scenario"].get("trigger_known", True)
+    agreement = [None, *(r.get("agreement") for r in report["methods"].values())]
+    out = []
+    for row, agree in zip(rows, agreement, strict=True):
+        row = dict(row)
+        if not known:
+            row["ASR (%)"] = "unknown"
+        # insert after ASR: the share of test images where the model predicts as the teacher
+        items = list(row.items())
+        at = [k for k, _ in items].index("ASR (%)") + 1
+        share = round(100 * agree, 2) if isinstance(agree, (int, float)) else None
+        items.insert(at, ("agreement (%)", share))
+        out.append(dict(items))
+    return out
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _screen(csv_path: str, top_path: str, mtime: float) -> dict:
+    """Counts from a screening CSV and the most suspicious images kept beside it."""
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    withheld = sum(1 for r in rows if r.get("withheld") == "1")
+    with np.load(top_path, allow_pickle=False) as npz:
+        top = {k: npz[k] for k in ("images", "ids", "scores", "withheld")}
+    n = len(top["images"])
+    if (
+        top["images"].dtype != np.uint8
+        or top["images"].ndim != 4
+        or any(len(top[k]) != n for k in ("ids", "scores", "withheld"))
+    ):
+        raise ValueError("malformed arrays")
+    return {**top, "n_total": len(rows), "n_withheld": withheld}
+
+
+def show_screening(run: Run, method: str, row: dict) -> None:
+    """How many distillation samples the screen withheld, the most suspicious ones, the CSV."""
+    try:
+        # only file names from the report: a run folder never points the app elsewhere
+        name = validate_name(Path(str(row["screen_csv"])).name, "screening file")
+        if not name.endswith("-screen.csv"):
+            raise ValueError(name)
+        csv_path = run.path / name
+        top_path = run.path / name.replace("-screen.csv", "-screen-top.npz")
+        screen = _screen(str(csv_path), str(top_path), csv_path.stat().st_mtime)
+    except (RobustKDError, OSError, ValueError, KeyError, csv.Error, zipfile.BadZipFile):
+        show_error(
+            RobustKDError(
+                f"The screened samples of {method} in run {run.id} are missing or unreadable; "
+                "relaunch the comparison to write them again."
+            )
+        )
+        return
+    st.subheader(f"Screened samples — {method}")
+    st.caption(
+        f"{screen['n_withheld']:,} of {screen['n_total']:,} distillation samples withheld from "
+        f"the teacher's signal. The {len(screen['images'])} most suspicious, highest score "
+        "first:"
+    )
+    count = min(16, len(screen["images"]))
+    cols = st.columns(8)
+    for i in range(count):
+        image = screen["images"][i].transpose(1, 2, 0)
+        cols[i % len(cols)].image(
+            image[..., 0] if image.shape[-1] == 1 else image,
+            caption=f"{screen['ids'][i]} · {float(screen['scores'][i]):.3g} · "
+            + ("withheld" if bool(screen["withheld"][i]) else "kept"),
+            width="stretch",
+        )
+    st.download_button(
+        f"{method}-screen.csv (every sample, most suspicious first)",
+        data=_file_reader(csv_path),
+        file_name=f"{run.id}-{method}-screen.csv",
+        mime="text/csv",
+        key=f"{run.id}-dl-screen-{method}",
+        on_click="ignore",
+    )
+
+
 def show_run(run: Run) -> None:
     st.header(run.id)
     try:
@@ -72,7 +156,7 @@ def show_run(run: Run) -> None:
             st.info("This run has no results yet.")
             return
         info = report["scenario"]
-        rows = report_rows(report, _measure)
+        rows = table_rows(report)
         bars = acc_asr_bars(report)
         per_class = per_class_bars(report, _classes(report))
         curves = {key: training_curves(report, key) for key in ("test_asr", "test_acc")}
@@ -98,6 +182,11 @@ def show_run(run: Run) -> None:
     left, right = st.columns(2)
     left.plotly_chart(curves["test_asr"], key=f"{run.id}-curves-asr")
     right.plotly_chart(curves["test_acc"], key=f"{run.id}-curves-acc")
+    if not info.get("trigger_known", True):
+        st.info("No trigger was given or recorded for this run, so its ASR is unknown.")
+    for method, row in report["methods"].items():
+        if isinstance(row, dict) and row.get("screen_csv"):
+            show_screening(run, method, row)
     files = [(name, mime, _file_reader(run.path / name)) for name, mime in REPORT_FILES]
     files += [
         (f"{fig}.html", "text/html", _standalone_figure(run.path / "figures" / f"{fig}.html"))

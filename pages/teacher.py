@@ -38,7 +38,9 @@ if card.metrics:
     st.caption(f"Recorded at training: ACC {100 * m['acc']:.2f} %, ASR {asr} on {m['data']}.")
 
 st.subheader("Measured now")
-n = st.select_slider("Test images", options=[200, 500, 1000, 2000, 5000, len(data)], value=1000)
+# an uploaded test set may be small: offer only counts it holds, and all of it
+sizes = sorted({v for v in (200, 500, 1000, 2000, 5000) if v < len(data)} | {len(data)})
+n = st.select_slider("Test images", options=sizes, value=min(1000, len(data)))
 sub = data.subset(range(min(n, len(data))))
 result = evaluate(model, sub, trigger, card.target)
 c1, c2 = st.columns(2)

@@ -10,7 +10,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from app.state import current_teacher, show_error, teacher_path, test_set_for
+from app.state import current_teacher, data_key, show_error, teacher_path, test_set_for
 from robustkd.data import ImageDataset, defender_subset
 from robustkd.detox import DetoxPreview, ThresholdFit, auto_threshold, fit_threshold
 from robustkd.errors import RobustKDError
@@ -122,10 +122,12 @@ if trigger is None:
     st.info("This teacher records no trigger; build one on the Triggers page.")
     st.stop()
 classes = list(meta.get("classes") or data.classes)
-# the checkpoint file, its version and any architecture override name the model for caching
+# the checkpoint file, its version, its model options and the user's data name the model
+# and its data for caching
 path = teacher_path()
 model_key = json.dumps(
-    [str(path), path.stat().st_mtime, st.session_state.get("teacher_args") or {}], sort_keys=True
+    [str(path), path.stat().st_mtime, st.session_state.get("teacher_args") or {}, data_key()],
+    sort_keys=True,
 )
 st.caption(f"Trigger `{trigger!r}` from {origin} · target class {target} ({classes[target]}).")
 offer_reset = origin == "the Triggers page" and bool(meta.get("trigger"))

@@ -50,7 +50,7 @@ def test_missing_teacher_is_one_message(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 def _use_upload(
-    at: AppTest, name: str, content: bytes, arch: str = "from metadata", classes: int = 10
+    at: AppTest, name: str, content: bytes, arch: str = "recognise from the keys", classes: int = 10
 ) -> None:
     at.sidebar.radio(key="teacher_src").set_value("Upload").run()
     at.sidebar.file_uploader(key="teacher_upload").upload(name, content)
@@ -69,7 +69,8 @@ def test_uploading_junk_keeps_the_current_teacher(
     assert not app.exception
     assert any("not a checkpoint" in e.value for e in app.sidebar.error)
     assert _metric(app, "Architecture") == "small-cnn-student"  # nothing was lost
-    assert (tmp_path / "runs" / "uploads" / "model.safetensors").exists()  # kept, not dropped
+    # kept (per content), not dropped
+    assert len(list((tmp_path / "runs" / "uploads").glob("*/model.safetensors"))) == 1
 
 
 def test_uploading_a_state_dict_switches_the_teacher(
@@ -93,7 +94,7 @@ def test_uploading_a_state_dict_switches_the_teacher(
     wrong = io.BytesIO()
     torch.save(create_model("small-cnn").state_dict(), wrong)
     _use_upload(app, "wrong.pt", wrong.getvalue(), arch="small-cnn-student")
-    assert any("does not fit architecture" in e.value for e in app.sidebar.error)
+    assert any("do not fit 'small-cnn-student'" in e.value for e in app.sidebar.error)
     assert _metric(app, "Architecture") == "small-cnn"  # the last good teacher stays
 
 
