@@ -618,6 +618,11 @@ def _import(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     trig = _trigger_dict(args)
     if trig:
+        from robustkd.triggers import CustomTrigger, trigger_from_dict
+
+        trigger = trigger_from_dict(trig)
+        if isinstance(trigger, CustomTrigger):  # the pattern's pixels, not a path, are kept
+            trig = trigger.embedded().to_dict()
         extra["trigger"] = trig
         if args.target is None:
             raise ConfigError("A trigger needs its target class; pass --target N.")

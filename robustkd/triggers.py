@@ -672,6 +672,13 @@ class CustomTrigger(Trigger):
             mask_png = _png_base64(np.where(m[:, :, 0] >= 0.5, 255, 0).astype(np.uint8), "L")
         return cls(pattern_png=pattern_png, mask_png=mask_png)
 
+    def embedded(self) -> CustomTrigger:
+        """The same trigger carrying its pixels (PNG) instead of file paths, so a checkpoint
+        that records it needs no file beside it."""
+        if self.pattern_png is not None:
+            return self
+        return CustomTrigger.from_arrays(self._pattern, self._mask.float())
+
     def params(self) -> dict[str, Any]:
         if self.pattern_png is not None:
             return {"pattern_png": self.pattern_png, "mask_png": self.mask_png}

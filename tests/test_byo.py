@@ -113,14 +113,17 @@ def test_import_evaluate_and_defend_with_the_cli_alone(foreign, tmp_path: Path, 
     )  # fmt: skip
     assert code == 0, err
     assert "small-cnn-student" in stdout and "10 classes" in stdout and "1×28×28" in stdout
+    (root / "pattern.png").rename(root / "pattern-moved.png")  # the import keeps the pixels
 
     code, stdout, err = _cli(
         ["evaluate", str(out), "--data", str(root / "test.npz"), "--json", "--device", "cpu"],
         capsys,
     )
     assert code == 0, err
+    (root / "pattern-moved.png").rename(root / "pattern.png")
     teacher = json.loads(stdout)
     assert teacher["n_clean"] == 500 and teacher["asr"] > 0.9 and teacher["acc"] > 0.6
+    assert "pattern_png" in teacher["trigger"] and "pattern_path" not in teacher["trigger"]
 
     run = tmp_path / "runs" / "byo"
     code, stdout, err = _cli(

@@ -262,6 +262,19 @@ def test_custom_trigger_from_rgba_png(pattern_png: Path) -> None:
     assert trigger.region_mask(32, 32).sum() == 144
 
 
+def test_custom_trigger_embedded_keeps_pixels_not_paths(pattern_png: Path, tmp_path) -> None:
+    copy = tmp_path / "p.png"
+    copy.write_bytes(pattern_png.read_bytes())
+    trigger = CustomTrigger(pattern_path=copy)
+    stored = trigger.embedded().to_dict()
+    copy.unlink()  # an imported teacher must not need the file any more
+    assert "pattern_path" not in stored and stored["pattern_png"]
+    rebuilt = trigger_from_dict(stored)
+    for shape in SHAPES:
+        x = _images(shape)
+        assert torch.equal(rebuilt.apply(x), trigger.apply(x))
+
+
 def test_custom_trigger_mask_rules(tmp_path: Path) -> None:
     px = np.zeros((8, 8, 3), dtype=np.uint8)
     px[0, 0] = [10, 0, 0]  # not black → in the mask
