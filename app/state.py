@@ -7,7 +7,7 @@ Session keys: ``teacher_path`` (the checkpoint in use), ``teacher_args`` (the ``
 fields it is loaded with, a plain JSON-able dict; ``{}`` = what the file records) and
 ``user_data`` (``{"distill": path | None, "trusted": ..., "test": ...}``, the user's own image
 sets). Uploads are kept per content under the runs folder, so two files of the same name never
-overwrite each other and nothing a user uploads is lost.
+overwrite each other; each new upload removes old unused ones (``robustkd.uploads``).
 """
 
 from __future__ import annotations
@@ -27,18 +27,25 @@ from robustkd.checkpoints import read_metadata
 from robustkd.cli import DEFAULT_TEACHER
 from robustkd.data import ImageDataset, dataset_names, load_dataset
 from robustkd.device import device_label, resolve_device
-from robustkd.errors import ConfigError, DataError, RobustKDError
+from robustkd.errors import ConfigError, DataError, RobustKDError, redact_paths
 from robustkd.importer import ModelOptions, import_checkpoint
 from robustkd.importer import load_model as import_model
 from robustkd.modelcard import check_fits_data, normalized_for
 from robustkd.runs import (
+    DAMAGED,
     Run,
     atomic_write_text,
     default_runs_root,
+    list_damaged_runs,
     list_runs,
+    queue_positions,
     refresh_state,
+    run_label,
     validate_name,
 )
+from robustkd.sharing import share
+from robustkd.triggers import trigger_from_dict
+from robustkd.uploads import clean_uploads, touch
 
 # Tests point the app at a tiny teacher through this variable.
 TEACHER_ENV = "ROBUSTKD_TEACHER"
@@ -171,7 +178,9 @@ def load_model(
             except RobustKDError:
                 classes = ()
         meta["classes"] = list(classes) if len(classes) == k else [str(i) for i in range(k)]
-    return model.eval(), meta
+    # one module for every session: share() makes it refuse hooks, mode switches and moves;
+    # the library works on per-call views of it (robustkd.sharing)
+    return share(model), meta
 
 
 @st.cache_resource(show_spinner="Loading the test images …")
@@ -212,8 +221,9 @@ def data_key() -> dict[str, str | None]:
 
 
 def show_error(exc: BaseException) -> None:
-    """One clear sentence for a user's mistake (never a traceback)."""
-    st.error(str(exc) if isinstance(exc, RobustKDError) else f"Unexpected error: {exc}")
+    """One clear sentence for a user's mistake (never a traceback, nor a server's folders)."""
+    message = str(exc) if isinstance(exc, RobustKDError) else f"Unexpected error: {exc}"
+    st.error(redact_paths(message))
 
 
 # --------------------------------------------------------------------------- uploads
@@ -245,7 +255,11 @@ def _keep(folder: Path, name: str, data: bytes) -> Path:
 
 
 def _content_folder(data: bytes, *parts: str) -> Path:
-    return runs_root().joinpath(UPLOADS, *parts, hashlib.sha256(data).hexdigest()[:16])
+    """Where an upload of ``data`` is kept; saving one first removes old unused uploads."""
+    folder = runs_root().joinpath(UPLOADS, *parts, hashlib.sha256(data).hexdigest()[:16])
+    touch(folder)  # the same content again: its age starts afresh
+    clean_uploads(runs_root(), keep=[folder, teacher_path(), *user_data().values()])
+    return folder
 
 
 def save_upload(name: str, data: bytes) -> Path:
@@ -365,6 +379,8 @@ def _use_checkpoint(upload: Any, widgets: dict[str, Any] | Exception) -> None:
         path = save_upload(upload.name, upload.getvalue())
         _, meta = load_model(str(path), path.stat().st_mtime, widgets, reference_data())
         test_set_for(meta)  # validates before switching: nothing in use is lost
+        if meta.get("trigger"):  # a recorded path or an unreadable pattern is refused now
+            trigger_from_dict(meta["trigger"])
     except RobustKDError as exc:
         show_error(exc)
         return
@@ -491,11 +507,21 @@ def pick_data() -> None:
 def pick_run() -> Run | None:
     """Sidebar widget: the run the Compare and Distil pages focus on."""
     runs = list_runs(runs_root())
-    if not runs:
+    damaged = {f"{d.id} · {DAMAGED}": d for d in list_damaged_runs(runs_root())}
+    if not runs and not damaged:
         st.caption("Runs: none yet")
         return None
-    labels = {f"{r.id} · {refresh_state(r).get('state')}": r for r in runs}
-    label = st.selectbox("Run", list(labels), key="run_pick")
+    positions = queue_positions(runs_root())
+    labels: dict[str, Run] = {}
+    for r in runs:
+        try:
+            labels[f"{r.id} · {run_label(refresh_state(r), positions.get(r.id))}"] = r
+        except RobustKDError:  # damaged since it was listed
+            labels[f"{r.id} · {DAMAGED}"] = r
+    label = st.selectbox("Run", [*labels, *damaged], key="run_pick")
+    if label in damaged:
+        st.warning(f"Run {damaged[label].id} is damaged: {damaged[label].reason}.")
+        return None
     run = labels[label]
     st.session_state["run_id"] = run.id
     return run

@@ -2,10 +2,13 @@
 
     python -m bench.results --out runs/results            # everything (about 40 min, 2 cores)
     python -m bench.results --out runs/results --only main,clean
+    python -m bench.results --out runs/results --only main,blend,sig,wanet,clean --seeds 0,1,2
 
-Each experiment is one ``robustkd compare`` run folder under ``--out``; finished ones are
-reused, so an interrupted call continues where it stopped. The Markdown tables are written
-to ``OUT/results.md`` and printed.
+Each experiment is one ``robustkd compare`` run folder under ``--out`` per seed (``NAME`` for
+seed 0, ``NAME-seedS`` for the others: the distillation seed — student initialisation, data
+draws, triggered samples — while the teacher stays the same); finished ones are reused, so an
+interrupted call continues where it stopped. With several seeds a cell is mean ± std. The
+Markdown tables are written to ``OUT/results.md`` and printed.
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ def teacher_path(out: Path, name: str) -> Path:
     return path
 
 
-def run_experiment(out: Path, name: str) -> dict[str, Any]:
-    folder = out / name
+def run_experiment(out: Path, name: str, seed: int = 0) -> dict[str, Any]:
+    folder = out / (name if seed == 0 else f"{name}-seed{seed}")
     report = folder / "report.json"
     status = folder / "status.json"
     if report.exists() and status.exists() and json.loads(status.read_text())["state"] == "done":
@@ -99,6 +102,8 @@ def run_experiment(out: Path, name: str) -> dict[str, Any]:
         "--teacher",
         str(teacher_path(out, teacher)),
         *args,
+        "--seed",
+        str(seed),
         "--quiet",
         "--out",
         str(folder),
@@ -110,22 +115,49 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def table(reports: dict[str, dict[str, Any]]) -> str:
+def _cell(values: list[float | None]) -> str:
+    """One seed: the value; several: mean ± sample std over the seeds."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(values) == 1:
+        return _pct(vals[0])
+    mean = sum(vals) / len(vals)
+    std = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def table(reports: dict[str, list[dict[str, Any]]]) -> str:
+    """The Markdown table; each experiment maps to its reports, one per seed."""
+    seeds = max((len(r) for r in reports.values()), default=1)
+    note = f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""
     rows = [
-        "| experiment | model | ACC | ASR | DER | flagged samples (recall / precision) |",
+        f"| experiment | model | ACC{note} | ASR{note} | DER | flagged samples "
+        "(recall / precision) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name, rep in reports.items():
+    for name, reps in reports.items():
         label = EXPERIMENTS[name][2]
-        t = rep["teacher"]
-        rows.append(f"| {label} | teacher | {_pct(t['acc'])} | {_pct(t['asr'])} | – | – |")
-        for method, r in rep["methods"].items():
+        t = [r["teacher"] for r in reps]
+        rows.append(
+            f"| {label} | teacher | {_cell([x['acc'] for x in t])} | "
+            f"{_cell([x['asr'] for x in t])} | – | – |"
+        )
+        for method in reps[0]["methods"]:
+            rs = [r["methods"][method] for r in reps if method in r["methods"]]
             screen = "–"
-            if "flagged_samples" in r:
-                rec, prec = r.get("screen_recall"), r.get("screen_precision")
-                screen = f"{r['flagged_samples']} ({_pct(rec)} / {_pct(prec)})"
-            d = f"{r['der']:.3f}" if "der" in r else "–"
-            rows.append(f"| | {method} | {_pct(r['acc'])} | {_pct(r['asr'])} | {d} | {screen} |")
+            if "flagged_samples" in rs[0]:
+                flagged = [r["flagged_samples"] for r in rs]
+                shown = str(flagged[0]) if len(rs) == 1 else f"{sum(flagged) / len(rs):.0f}"
+                rec = _cell([r.get("screen_recall") for r in rs])
+                prec = _cell([r.get("screen_precision") for r in rs])
+                screen = f"{shown} ({rec} / {prec})"
+            ders = [r["der"] for r in rs if "der" in r]
+            d = f"{sum(ders) / len(ders):.3f}" if ders else "–"
+            rows.append(
+                f"| | {method} | {_cell([r['acc'] for r in rs])} | "
+                f"{_cell([r['asr'] for r in rs])} | {d} | {screen} |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -133,16 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/results", help="folder for the run folders")
     parser.add_argument("--only", help="comma-separated experiments (default: all)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.only.split(",") if args.only else list(EXPERIMENTS)
-    reports = {}
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers; got {args.seeds!r}")
+    reports: dict[str, list[dict[str, Any]]] = {}
     started = time.perf_counter()
     for name in names:
         if name not in EXPERIMENTS:
             parser.error(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
-        reports[name] = run_experiment(out, name)
+        reports[name] = [run_experiment(out, name, seed) for seed in seeds]
     text = table(reports)
     (out / "results.md").write_text(text)
     print(text)

@@ -10,7 +10,8 @@ from app.state import current_teacher, load_model, run_checkpoints, show_error, 
 from robustkd.attribution import ATTRIBUTION_METHODS, attribute, mass_in_region, overlay
 from robustkd.data import to_float
 from robustkd.errors import RobustKDError
-from robustkd.metrics import predict
+from robustkd.metrics import backdoor_targets, predict
+from robustkd.modelcard import attack_mode_of
 from robustkd.triggers import trigger_from_dict
 
 TEACHER = "Teacher"
@@ -20,6 +21,7 @@ try:
     teacher, meta = current_teacher()
     data = test_set_for(meta)
     trigger = trigger_from_dict(meta["trigger"]) if meta.get("trigger") else None
+    mode = attack_mode_of(meta)
 except RobustKDError as exc:
     show_error(exc)
     st.stop()
@@ -46,9 +48,14 @@ try:
     if method == "layer-gradcam":
         stages = list(getattr(model, "feature_layers", []))
         layer = st.selectbox("Layer", stages, key="attr_layer") if stages else None
-    # images of the target class cannot show a backdoor, as in ASR
+    # images already of their attack target cannot show a backdoor, as in ASR
     target = meta.get("target")
-    pool = torch.nonzero(data.labels != target).flatten() if target is not None else None
+    aims = (
+        backdoor_targets(data.labels, target, mode, data.num_classes)
+        if target is not None
+        else None
+    )
+    pool = torch.nonzero(data.labels != aims).flatten() if aims is not None else None
     pool = pool if pool is not None and pool.numel() else torch.arange(len(data))
     pick = torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[:k]
     idx = pool[pick]
@@ -81,8 +88,12 @@ m2.metric(
 classes = list(meta.get("classes") or [str(i) for i in range(data.num_classes)])
 st.caption(
     f"{method} for the predicted class of {'the teacher' if choice == TEACHER else choice}; "
-    f"red marks where attribution is high. Trigger `{trigger.name}`, target class "
-    f"{target} ({classes[target] if target is not None else '–'})."
+    f"red marks where attribution is high. Trigger `{trigger.name}`, "
+    + (
+        "all-to-all (each class's target is the class after it)."
+        if mode == "all-to-all"
+        else f"target class {target} ({classes[target] if target is not None else '–'})."
+    )
 )
 for start in range(0, k, 2):
     cols = st.columns(4)

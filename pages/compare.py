@@ -14,7 +14,7 @@ import streamlit as st
 
 from app.state import load_model, runs_root, show_error
 from robustkd.checkpoints import read_metadata
-from robustkd.errors import RobustKDError
+from robustkd.errors import RobustKDError, redact_paths
 from robustkd.figures import acc_asr_bars, per_class_bars, training_curves
 from robustkd.modelcard import input_shape_of
 from robustkd.profiling import latency_per_image, report_rows
@@ -43,6 +43,11 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
     return lambda: path.read_bytes()
 
 
+def _report_reader(path: Path) -> Callable[[], str]:
+    """A report file as downloaded: reports of older versions held absolute server paths."""
+    return lambda: redact_paths(path.read_text(encoding="utf-8"))
+
+
 def _standalone_figure(path: Path) -> Callable[[], str]:
     """The figure's HTML with the plotly.min.js it refers to inlined, so it opens on its own."""
 
@@ -58,18 +63,39 @@ def _standalone_figure(path: Path) -> Callable[[], str]:
     return make
 
 
-def _classes(report: dict) -> list[str] | None:
+def _checkpoint(run: Run, row: dict) -> Path:
+    """A method's checkpoint: by its name in the run's checkpoints/ (a report never points the
+    app elsewhere; older reports held absolute paths)."""
+    name = validate_name(Path(str(row["checkpoint"])).name, "checkpoint name")
+    return run.checkpoints_dir / name
+
+
+def _teacher_file(run: Run | None) -> Path | None:
+    """The teacher the run loaded, from its config (the report names it only)."""
+    if run is None:
+        return None
+    try:
+        config = run.config
+    except RobustKDError:
+        return None
+    options = config.get("options") if isinstance(config.get("options"), dict) else {}
+    teacher = config.get("teacher") or options.get("teacher")
+    return Path(teacher) if isinstance(teacher, str) and teacher else None
+
+
+def _classes(report: dict, run: Run) -> list[str] | None:
     for row in report["methods"].values():
         try:
-            return list(read_metadata(row["checkpoint"]).get("classes") or []) or None
+            return list(read_metadata(_checkpoint(run, row)).get("classes") or []) or None
         except (RobustKDError, KeyError, OSError):
             continue
     return None
 
 
-def table_rows(report: dict) -> list[dict]:
+def table_rows(report: dict, run: Run | None = None) -> list[dict]:
     """The cost table with the agreement column; ASR reads "unknown" when no trigger is known."""
-    rows = report_rows(report, _measure)
+    folder = run.path if run is not None else None
+    rows = report_rows(report, _measure, folder, _teacher_file(run))
     known = report["scenario"].get("trigger_known", True)
     agreement = [None, *(r.get("agreement") for r in report["methods"].values())]
     out = []
@@ -156,9 +182,9 @@ def show_run(run: Run) -> None:
             st.info("This run has no results yet.")
             return
         info = report["scenario"]
-        rows = table_rows(report)
+        rows = table_rows(report, run)
         bars = acc_asr_bars(report)
-        per_class = per_class_bars(report, _classes(report))
+        per_class = per_class_bars(report, _classes(report, run))
         curves = {key: training_curves(report, key) for key in ("test_asr", "test_acc")}
     except (RobustKDError, KeyError, TypeError) as exc:
         show_error(
@@ -187,7 +213,7 @@ def show_run(run: Run) -> None:
     for method, row in report["methods"].items():
         if isinstance(row, dict) and row.get("screen_csv"):
             show_screening(run, method, row)
-    files = [(name, mime, _file_reader(run.path / name)) for name, mime in REPORT_FILES]
+    files = [(name, mime, _report_reader(run.path / name)) for name, mime in REPORT_FILES]
     files += [
         (f"{fig}.html", "text/html", _standalone_figure(run.path / "figures" / f"{fig}.html"))
         for fig in FIGURES

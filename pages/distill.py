@@ -20,17 +20,24 @@ from robustkd.compare import launch_compare, report_markdown
 from robustkd.device import resolve_device
 from robustkd.distill import METHODS
 from robustkd.engine import COMPILE_MODES
-from robustkd.errors import ConfigError, RobustKDError
+from robustkd.errors import ConfigError, RobustKDError, redact_paths
 from robustkd.figures import run_curves
 from robustkd.models import model_names
 from robustkd.presets import preset_names
 from robustkd.runs import (
     ACTIVE_STATES,
+    DAMAGED,
     Run,
-    launch_worker,
+    check_teacher,
+    list_damaged_runs,
     list_runs,
     progress_fraction,
+    queue_position,
+    queue_positions,
+    queue_worker,
     refresh_state,
+    run_label,
+    start_queued,
 )
 from robustkd.scenarios import SCENARIOS
 
@@ -48,6 +55,17 @@ def teacher_flags(options: dict[str, Any]) -> dict[str, Any]:
             value = ",".join(str(v) for v in value)
         flags[OPTION_FLAGS.get(key, key)] = value
     return flags
+
+
+def resume(run: Run) -> None:
+    """Queue the run's resume (it starts when a worker slot is free), after checking that its
+    teacher file is still the one it started with."""
+    options = run.config.get("options")
+    teacher = options.get("teacher") if isinstance(options, dict) else run.config.get("teacher")
+    if isinstance(teacher, str) and teacher:
+        check_teacher(run, teacher)
+    queue_worker(run, ["resume", run.id, "--quiet"])
+    start_queued(run.root)
 
 
 def check_scenario(scenario: str, trigger_known: bool, own_distill: bool) -> None:
@@ -129,7 +147,16 @@ with st.form("launch"):
     c1, c2, c3, c4 = st.columns(4)
     threshold = c1.number_input("Variance threshold (0 = auto)", 0.0, 1000.0, 0.0, step=0.5)
     tau = c2.number_input("τ (learned mask)", 0.001, 1.0, 0.05, step=0.01, format="%.3f")
-    noise = c3.number_input("Input noise rate", 0.0, 1.0, 0.0, step=0.05)
+    noise = c3.number_input(
+        "Input noise rate",
+        0.0,
+        1.0,
+        value=None,
+        step=0.05,
+        placeholder="method default",
+        help="Salt-and-pepper on the student's input; empty: the method's own (robustkd-paper "
+        "0.1, the others 0).",
+    )
     seed = c4.number_input("Seed", 0, 1_000_000, 0)
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
     gpus = distributed.gpu_count()
@@ -159,7 +186,7 @@ if launched:
             "student": student, "epochs": int(epochs),
             "rate": rate if scenario == "untrusted" else None,
             "distill_size": int(distill_size), "trusted_size": int(trusted_size),
-            "threshold": threshold or None, "tau": tau, "noise_rate": noise or None,
+            "threshold": threshold or None, "tau": tau, "noise_rate": noise,
             "seed": int(seed), "device": device,
             "nproc": int(nproc) if int(nproc) > 1 and device != "cpu" else None,
             "compile": None if compile_mode == "off" else compile_mode,
@@ -170,10 +197,21 @@ if launched:
             check_scenario(scenario, trigger_known, "distill" in data_paths)
             run = launch_compare(methods, options, runs_root())
             st.session_state["watch_run"] = run.id
-            st.success(f"Started run {run.id}; it keeps going if you close the browser.")
+            position = queue_position(run)
+            if position:
+                st.success(
+                    f"Queued run {run.id} (position {position}): it starts when one of the "
+                    "runs going now ends, even if you close the browser."
+                )
+            else:
+                st.success(f"Started run {run.id}; it keeps going if you close the browser.")
         except RobustKDError as exc:
             show_error(exc)
 
+try:  # a worker that crashed frees its slot: start what waits (a worker that ends does it too)
+    start_queued(runs_root())
+except RobustKDError as exc:
+    show_error(exc)
 runs = list_runs(runs_root())
 if not runs:
     st.info("No runs yet: launch one above.")
@@ -185,12 +223,20 @@ st.session_state["watch_run"] = watched_id
 
 
 def live_panel(run_id: str, was_active: bool) -> None:
-    run = Run.open(runs_root(), run_id)
-    status = refresh_state(run)
+    try:
+        run = Run.open(runs_root(), run_id)
+        if was_active:
+            start_queued(runs_root())
+        status = refresh_state(run)
+        position = queue_position(run) if status.get("state") == "queued" else None
+    except RobustKDError as exc:  # damaged meanwhile, or a bad $ROBUSTKD_MAX_RUNS
+        show_error(exc)
+        return
     state = status.get("state")
     if was_active and state not in ACTIVE_STATES:
         st.rerun()  # the run just ended: redraw the page once, then stop polling
-    label = f"{state} · {status.get('phase') or ''} · epoch {status.get('epoch') or 0}"
+    label = f"{run_label(status, position)} · {status.get('phase') or ''}"
+    label += f" · epoch {status.get('epoch') or 0}"
     label += f"/{status.get('epochs') or '?'}"
     if status.get("eta_seconds") is not None and state == "running":
         label += f" · about {status['eta_seconds']:.0f} s left"
@@ -199,32 +245,56 @@ def live_panel(run_id: str, was_active: bool) -> None:
         run.request_cancel()
         st.warning("Cancel requested; the run stops after its current step.")
     if state == "failed":
-        st.error(f"The run failed: {status.get('message')}")
+        st.error(f"The run failed: {redact_paths(status.get('message') or '')}")
         with st.expander("Log"):
-            st.code(run.log_tail(4000) or "(empty)")
+            st.code(redact_paths(run.log_tail(4000)) or "(empty)")
     if state == "cancelled":
         st.warning("The run was cancelled; the methods it finished are kept below.")
     if state in ("failed", "cancelled") and st.button("Resume", key=f"resume-{run_id}"):
-        launch_worker(["resume", run_id, "--quiet"], run)
-        st.success("Resuming: finished methods are kept, the interrupted one continues.")
-        st.rerun()
+        try:
+            resume(run)
+        except RobustKDError as exc:  # e.g. the teacher file changed, or a second click
+            show_error(exc)
+        else:
+            st.rerun()  # finished methods are kept, the interrupted one continues
     records = run.metrics()
     if records:
         st.plotly_chart(run_curves(records), key=f"curves-{run_id}")
     report = run.report()
     if report and report.get("methods"):
-        st.markdown(report_markdown(report))
+        st.markdown(redact_paths(report_markdown(report)))  # older reports held paths
 
 
 # Poll every 2 s while the run is going; a finished run is drawn once and left alone.
-active = refresh_state(Run.open(runs_root(), watched_id)).get("state") in ACTIVE_STATES
+try:
+    active = refresh_state(Run.open(runs_root(), watched_id)).get("state") in ACTIVE_STATES
+except RobustKDError:
+    active = False  # damaged meanwhile: the panel says so
 st.fragment(live_panel, run_every=2 if active else None)(watched_id, active)
 
+
+def run_rows() -> list[dict[str, Any]]:
+    """Every run with its state (queue position, reason of damage), damaged folders too."""
+    positions = queue_positions(runs_root())
+    rows = []
+    for r in runs:
+        try:
+            status = refresh_state(r)
+        except RobustKDError as exc:
+            status = {"state": DAMAGED, "message": str(exc)}
+        note = status.get("message") if status.get("state") in ("failed", DAMAGED) else ""
+        rows.append(
+            {
+                "run": r.id,
+                "state": run_label(status, positions.get(r.id)),
+                "phase": status.get("phase"),
+                "note": redact_paths(note or ""),
+            }
+        )
+    for d in list_damaged_runs(runs_root()):
+        rows.append({"run": d.id, "state": DAMAGED, "phase": None, "note": d.reason})
+    return rows
+
+
 st.subheader("All runs")
-st.dataframe(
-    [
-        {"run": r.id, "state": refresh_state(r).get("state"), "phase": r.status().get("phase")}
-        for r in runs
-    ],
-    hide_index=True,
-)
+st.dataframe(run_rows(), hide_index=True)

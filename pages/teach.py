@@ -18,9 +18,16 @@ import streamlit as st
 
 from app.state import default_teacher_path, runs_root, show_error
 from robustkd.compare import launch_compare
-from robustkd.errors import ConfigError, RobustKDError
+from robustkd.errors import ConfigError, RobustKDError, redact_paths
 from robustkd.figures import acc_asr_bars, training_curves
-from robustkd.runs import ACTIVE_STATES, Run, list_runs, refresh_state
+from robustkd.runs import (
+    ACTIVE_STATES,
+    Run,
+    list_runs,
+    queue_position,
+    refresh_state,
+    start_queued,
+)
 
 DEMO_PRESET = "fashion-badnets-quick"
 DEMO_METHODS = ["feature-kd", "robustkd"]
@@ -122,6 +129,8 @@ def live_curves(run: Run) -> dict[str, Any]:
 def panel(run_id: str, was_active: bool) -> None:
     try:
         run = Run.open(runs_root(), run_id)
+        if was_active:  # a worker that crashed frees its slot: start what waits
+            start_queued(runs_root())
         status = refresh_state(run)
         state = status.get("state")
         report = run.report() if state == "done" else None
@@ -134,10 +143,13 @@ def panel(run_id: str, was_active: bool) -> None:
     methods = list(run.config.get("methods") or DEMO_METHODS)
     if state in ACTIVE_STATES:
         phase = status.get("phase") or ""
+        position = queue_position(run) if state == "queued" else None
         if phase and status.get("epoch"):
             eta = status.get("eta_seconds")
             text = f"{phase}: epoch {status['epoch']} / {status.get('epochs')}"
             text += f" · about {eta:.0f} s left in this method" if eta is not None else ""
+        elif position:
+            text = f"queued (position {position}): starts when a run going now ends …"
         else:
             text = "Preparing the data and the teacher …"
         st.progress(progress_of(status, methods), text=text)
@@ -150,7 +162,7 @@ def panel(run_id: str, was_active: bool) -> None:
             left.plotly_chart(training_curves(curves, "test_asr"), key="teach_live_asr")
             right.plotly_chart(training_curves(curves, "test_acc"), key="teach_live_acc")
     elif state == "failed":
-        st.error(f"The demo failed: {status.get('message') or 'see the run log'}")
+        st.error(f"The demo failed: {redact_paths(status.get('message') or 'see the run log')}")
     elif state == "cancelled":
         st.warning("The demo was cancelled; run it again to see the result.")
     elif report and all(m in report.get("methods", {}) for m in DEMO_METHODS):
@@ -188,5 +200,5 @@ if st.button("Run the demo", key="teach_start", type="primary", disabled=active)
 if demo is None:
     st.caption(f"Runs `robustkd compare` with the {DEMO_PRESET} preset on the shipped teacher.")
     st.stop()
-st.caption(f"`robustkd {shlex.join(str(a) for a in demo.config.get('argv', []))}`")
+st.caption(f"`robustkd {redact_paths(shlex.join(str(a) for a in demo.config.get('argv', [])))}`")
 st.fragment(run_every=2 if active else None)(panel)(demo.id, active)

@@ -17,11 +17,11 @@ try:
     model, meta = current_teacher()
     card = model_card(teacher_path(), model, meta)
     data = test_set_for(meta)
+    trigger = trigger_from_dict(card.trigger) if card.trigger else None
 except RobustKDError as exc:
     show_error(exc)
     st.stop()
 
-trigger = trigger_from_dict(card.trigger) if card.trigger else None
 cols = st.columns(4)
 cols[0].metric("Architecture", card.architecture or "?")
 cols[1].metric("Parameters", f"{card.params:,}")
@@ -30,28 +30,40 @@ cols[3].metric("Input", "×".join(str(v) for v in card.input_shape))
 st.markdown(
     f"**Data** {card.dataset} · **trigger** `{card.trigger}` · **target class** "
     f"{card.target} ({card.classes[card.target] if card.target is not None else '–'}) · "
-    f"**student architecture** {card.student_architecture}"
+    f"**attack** {card.attack_mode} · **student architecture** {card.student_architecture}"
 )
-if card.metrics:
+if card.metrics and card.metrics.get("acc") is not None:  # type-checked when read
     m = card.metrics
     asr = f"{100 * m['asr']:.2f} %" if m.get("asr") is not None else "n/a"
-    st.caption(f"Recorded at training: ACC {100 * m['acc']:.2f} %, ASR {asr} on {m['data']}.")
+    on = f" on {m['data']}" if m.get("data") else ""
+    st.caption(f"Recorded at training: ACC {100 * m['acc']:.2f} %, ASR {asr}{on}.")
 
 st.subheader("Measured now")
 # an uploaded test set may be small: offer only counts it holds, and all of it
 sizes = sorted({v for v in (200, 500, 1000, 2000, 5000) if v < len(data)} | {len(data)})
 n = st.select_slider("Test images", options=sizes, value=min(1000, len(data)))
 sub = data.subset(range(min(n, len(data))))
-result = evaluate(model, sub, trigger, card.target)
+try:
+    result = evaluate(model, sub, trigger, card.target, card.attack_mode)
+except RobustKDError as exc:  # e.g. a trigger with no target class recorded
+    show_error(exc)
+    st.stop()
+if card.attack_mode == "all-to-all":  # each triggered image should become the next class
+    hits = "triggered images are classified as the class after their own"
+else:
+    hits = f"triggered images whose true class is not {card.target} are classified as {card.target}"
 c1, c2 = st.columns(2)
 c1.metric("ACC", f"{100 * result.acc:.2f} %", help=f"{result.n_correct} / {result.n_clean} correct")
 if result.asr is not None:
     c2.metric(
         "ASR",
         f"{100 * result.asr:.2f} %",
-        help=f"{result.n_attack_success} / {result.n_triggered} triggered images whose true "
-        f"class is not {card.target} are classified as {card.target}",
+        help=f"{result.n_attack_success} / {result.n_triggered} {hits}",
     )
+elif trigger is None:
+    c2.metric("ASR", "unknown", help="No trigger is recorded for this teacher.")
+else:
+    c2.metric("ASR", "undefined", help="No test image outside the target class to trigger.")
 st.caption(f"{result.n_clean} clean and {result.n_triggered} triggered test images.")
 
 st.subheader("Clean and triggered test images")

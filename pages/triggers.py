@@ -11,6 +11,8 @@ from app.state import current_teacher, show_error, test_set_for
 from robustkd.data import ImageDataset
 from robustkd.errors import RobustKDError
 from robustkd.images import read_image, to_display
+from robustkd.modelcard import attack_mode_of
+from robustkd.poison import MODES
 from robustkd.predictions import flip_grid, top_k_predictions
 from robustkd.triggers import (
     PATCH_PATTERNS,
@@ -71,7 +73,7 @@ def build_trigger(
         alpha = c1.slider("Alpha", 0.01, 1.0, float(d("alpha", 0.15)), 0.01, key="trig_alpha")
         seed = c2.number_input("Noise seed", 0, 100_000, int(d("seed", 0)), key="trig_seed")
         return create_trigger(
-            "blend", alpha=alpha, seed=int(seed), pattern_path=d("pattern_path", None)
+            "blend", alpha=alpha, seed=int(seed), pattern_png=d("pattern_png", None)
         )
     if name == "sig":
         c1, c2 = st.columns(2)
@@ -169,17 +171,20 @@ st.title("Triggers")
 try:
     model, meta = current_teacher()
     data = test_set_for(meta)
+    # the recorded trigger, checked (typed parameters, no file paths) before widgets read it
+    recorded = trigger_from_dict(meta["trigger"]) if meta.get("trigger") else None
+    stored_mode = attack_mode_of(meta)
 except RobustKDError as exc:
     show_error(exc)
     st.stop()
 
 classes = list(meta.get("classes") or data.classes)
 channels, height, width = data.input_shape
-stored: dict[str, Any] = dict(meta.get("trigger") or {})
+stored: dict[str, Any] = recorded.to_dict() if recorded is not None else {}
 names = trigger_names()
 
 st.subheader("Trigger")
-c1, c2 = st.columns(2)
+c1, c2, c3 = st.columns([2, 1, 2])
 name = c1.selectbox(
     "Trigger",
     names,
@@ -187,8 +192,16 @@ name = c1.selectbox(
     key="trig_name",
     help="Defaults to the trigger the teacher was trained with.",
 )
+mode = c2.radio(
+    "Attack",
+    MODES,
+    index=MODES.index(stored_mode),
+    key="trig_mode",
+    help="All-to-one: every triggered image should become the target class; all-to-all: "
+    "each should become the class after its own. Defaults to the teacher's.",
+)
 stored_target = meta.get("target")
-target = c2.selectbox(
+target = c3.selectbox(
     "Target class",
     range(len(classes)),
     index=stored_target
@@ -196,6 +209,7 @@ target = c2.selectbox(
     else 0,
     format_func=lambda i: f"{i} · {classes[i]}",
     key="trig_target",
+    disabled=mode == "all-to-all",
 )
 try:
     trigger: Trigger | None = build_trigger(name, stored, channels, height, width)
@@ -207,7 +221,11 @@ if trigger is None:
 # the Feature variance page stamps with the trigger built here
 st.session_state["current_trigger"] = trigger.to_dict()
 st.session_state["current_target"] = int(target)
-st.caption(f"`{trigger!r}` · target class {target} ({classes[target]})")
+st.session_state["current_mode"] = mode
+if mode == "all-to-all":
+    st.caption(f"`{trigger!r}` · all-to-all: each class's target is the class after it")
+else:
+    st.caption(f"`{trigger!r}` · target class {target} ({classes[target]})")
 
 st.subheader("Clean and triggered")
 image, what = source_image(data, channels, height, width)
@@ -227,14 +245,20 @@ c1, c2 = st.columns(2)
 n = c1.slider("Images", 4, 32, 8, step=4, key="trig_grid_n")
 seed = c2.number_input("Sample seed", 0, 10_000, 0, key="trig_grid_seed")
 try:
-    grid = flip_grid(model, data, trigger, int(target), int(n), int(seed))
+    grid = flip_grid(model, data, trigger, int(target), int(n), int(seed), mode)
 except RobustKDError as exc:
     show_error(exc)
     st.stop()
-st.markdown(
-    f"**{grid.n_flipped} of {grid.n} flipped to class {target} ({classes[target]})** — test "
-    f"images whose true class is not {target}, seed {int(seed)}."
-)
+if mode == "all-to-all":
+    st.markdown(
+        f"**{grid.n_flipped} of {grid.n} flipped to the class after their own** — all-to-all "
+        f"attack, test images, seed {int(seed)}."
+    )
+else:
+    st.markdown(
+        f"**{grid.n_flipped} of {grid.n} flipped to class {target} ({classes[target]})** — "
+        f"test images whose true class is not {target}, seed {int(seed)}."
+    )
 cols = st.columns(8)
 for i in range(grid.n):
     col = cols[i % len(cols)]

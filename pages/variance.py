@@ -16,7 +16,8 @@ from robustkd.detox import DetoxPreview, ThresholdFit, auto_threshold, fit_thres
 from robustkd.errors import RobustKDError
 from robustkd.features import StatsCache, activations
 from robustkd.metrics import Evaluation, evaluate
-from robustkd.poison import poison_dataset
+from robustkd.modelcard import attack_mode_of
+from robustkd.poison import MODES, poison_dataset
 from robustkd.triggers import Trigger, trigger_from_dict
 from robustkd.variance_figures import (
     activation_maps_figure,
@@ -69,12 +70,12 @@ def detox_preview(
     _data: ImageDataset,
 ) -> tuple[DetoxPreview, Evaluation]:
     """The preview at one layer on the first ``n`` test images, and the teacher's own numbers."""
-    trigger_json, target = fit_key[0], fit_key[1]
+    trigger_json, target, mode = fit_key[0], fit_key[1], fit_key[-1]
     trigger = trigger_from_dict(json.loads(trigger_json))
     sub = _data.subset(range(n))
     return (
-        DetoxPreview(_model, _fit, layer, sub, trigger, target),
-        evaluate(_model, sub, trigger, target),
+        DetoxPreview(_model, _fit, layer, sub, trigger, target, mode=mode),
+        evaluate(_model, sub, trigger, target, mode),
     )
 
 
@@ -91,16 +92,20 @@ def pp(change: float) -> str:
     return f"{round(100 * change, 2) + 0.0:+.2f} pp"
 
 
-def current_trigger(meta: dict[str, Any], num_classes: int) -> tuple[Trigger | None, int, str]:
-    """The trigger built on the Triggers page, else the teacher's stored one."""
+def current_trigger(meta: dict[str, Any], num_classes: int) -> tuple[Trigger | None, int, str, str]:
+    """The trigger, target, attack mode and their origin: those built on the Triggers page,
+    else the teacher's stored ones."""
     built = st.session_state.get("current_trigger")
     target = st.session_state.get("current_target")
+    mode = st.session_state.get("current_mode")
     if built and isinstance(target, int) and 0 <= target < num_classes:
-        return trigger_from_dict(built), target, "the Triggers page"
+        mode = mode if mode in MODES else attack_mode_of(meta)
+        return trigger_from_dict(built), target, mode, "the Triggers page"
     stored, target = meta.get("trigger"), meta.get("target")
     return (
         (trigger_from_dict(stored) if stored else None),
         int(target) if target is not None else 0,
+        attack_mode_of(meta),
         "the teacher's stored trigger",
     )
 
@@ -110,7 +115,7 @@ try:
     model, meta = current_teacher()
     data = test_set_for(meta)
     val = test_set_for(meta, "val")
-    trigger, target, origin = current_trigger(meta, data.num_classes)
+    trigger, target, mode, origin = current_trigger(meta, data.num_classes)
 except RobustKDError as exc:
     show_error(exc)
     st.stop()
@@ -129,10 +134,15 @@ model_key = json.dumps(
     [str(path), path.stat().st_mtime, st.session_state.get("teacher_args") or {}, data_key()],
     sort_keys=True,
 )
-st.caption(f"Trigger `{trigger!r}` from {origin} · target class {target} ({classes[target]}).")
+aim = (
+    "all-to-all (each class's target is the class after it)"
+    if mode == "all-to-all"
+    else f"target class {target} ({classes[target]})"
+)
+st.caption(f"Trigger `{trigger!r}` from {origin} · {aim}.")
 offer_reset = origin == "the Triggers page" and bool(meta.get("trigger"))
 if offer_reset and st.button("Use the teacher's stored trigger", key="var_stored_trigger"):
-    for k in ("current_trigger", "current_target"):
+    for k in ("current_trigger", "current_target", "current_mode"):
         st.session_state.pop(k, None)
     st.rerun()
 
@@ -184,7 +194,7 @@ granularity = c3.radio("Flag", ["unit", "channel"], horizontal=True, key="var_gr
 trigger_json = json.dumps(trigger.to_dict(), sort_keys=True)
 try:
     fit = threshold_fit(model_key, trigger_json, target, size, percent, granularity, model, val)
-    fit_key = (trigger_json, target, size, percent, granularity)
+    fit_key = (trigger_json, target, size, percent, granularity, mode)
     preview, base = detox_preview(model_key, fit_key, layer, n, model, fit, data)
 except RobustKDError as exc:
     show_error(exc)

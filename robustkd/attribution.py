@@ -17,6 +17,7 @@ from torch import nn
 from robustkd.data import normalize
 from robustkd.errors import ConfigError, DataError, UnknownNameError
 from robustkd.features import resolve_layers
+from robustkd.sharing import view
 
 ATTRIBUTION_METHODS = ("saliency", "integrated-gradients", "layer-gradcam", "occlusion")
 
@@ -100,40 +101,37 @@ def attribute(
     targets = targets.to(device)
     if n == 0:
         return torch.zeros(0, h, w)
+    # an eval-mode view: Grad-CAM's hooks and the mode switch never touch ``model``, which
+    # other callers may share; its weights need no gradients (only the images do)
+    model = view(model)
     f = PixelSpaceModel(model, mean, std)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.enable_grad():
-            if method == "saliency":
-                maps = Saliency(f).attribute(x, target=targets, abs=True).sum(1)
-            elif method == "integrated-gradients":
-                attr = IntegratedGradients(f).attribute(
-                    x, baselines=torch.zeros_like(x), target=targets, n_steps=steps
-                )
-                maps = attr.abs().sum(1)
-            elif method == "layer-gradcam":
-                name = _gradcam_layer(model, layer)
-                cam = LayerGradCam(f, model.get_submodule(name)).attribute(
-                    x, target=targets, relu_attributions=True
-                )
-                cam = LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear")
-                maps = cam.sum(1).clamp_min(0.0)
-            else:
-                window = max(3, min(h, w) // 10)
-                stride = 1 if min(h, w) <= 32 else 2
-                attr = Occlusion(f).attribute(
-                    x,
-                    sliding_window_shapes=(c, window, window),
-                    strides=(c, stride, stride),
-                    baselines=0.0,
-                    target=targets,
-                    perturbations_per_eval=32,
-                )
-                maps = attr.abs().sum(1)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+    with torch.enable_grad():
+        if method == "saliency":
+            maps = Saliency(f).attribute(x, target=targets, abs=True).sum(1)
+        elif method == "integrated-gradients":
+            attr = IntegratedGradients(f).attribute(
+                x, baselines=torch.zeros_like(x), target=targets, n_steps=steps
+            )
+            maps = attr.abs().sum(1)
+        elif method == "layer-gradcam":
+            name = _gradcam_layer(model, layer)
+            cam = LayerGradCam(f, model.get_submodule(name)).attribute(
+                x, target=targets, relu_attributions=True
+            )
+            cam = LayerAttribution.interpolate(cam, (h, w), interpolate_mode="bilinear")
+            maps = cam.sum(1).clamp_min(0.0)
+        else:
+            window = max(3, min(h, w) // 10)
+            stride = 1 if min(h, w) <= 32 else 2
+            attr = Occlusion(f).attribute(
+                x,
+                sliding_window_shapes=(c, window, window),
+                strides=(c, stride, stride),
+                baselines=0.0,
+                target=targets,
+                perturbations_per_eval=32,
+            )
+            maps = attr.abs().sum(1)
     return maps.detach().float().nan_to_num(0.0, 0.0, 0.0).clamp_min(0.0).cpu()
 
 

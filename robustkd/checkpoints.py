@@ -19,7 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from robustkd.errors import CheckpointError
+from robustkd.errors import CheckpointError, RobustKDError
+from robustkd.metadata import MAX_METADATA_CHARS, parse_metadata
 from robustkd.models import create_model
 
 METADATA_KEY = "robustkd"
@@ -33,12 +34,18 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: Mapping[str, A
     if "architecture" not in metadata or "model_args" not in metadata:
         raise ValueError("checkpoint metadata needs 'architecture' and 'model_args'")
     meta = {"format": FORMAT_VERSION, **metadata}
+    text = json.dumps(meta)
+    if len(text) > MAX_METADATA_CHARS:  # it could not be read back
+        raise CheckpointError(
+            f"The metadata for {path.name} has {len(text):,} characters, more than the limit of "
+            f"{MAX_METADATA_CHARS:,}; use a smaller trigger pattern."
+        )
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        save_file(tensors, tmp, metadata={METADATA_KEY: text})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -58,11 +65,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(_not_a_checkpoint(path)) from exc
     if raw is None:
         return {}
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} has unreadable metadata; re-save the checkpoint.") from exc
-    return meta if isinstance(meta, dict) else {}
+    return parse_metadata(raw, path.name)  # limits, then every known field type-checked
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -118,12 +121,28 @@ def load_checkpoint(
             f"{Path(path).name} holds NaN or infinite weights (in {', '.join(bad[:3])}"
             f"{' …' if len(bad) > 3 else ''}); it is broken, use another checkpoint."
         )
-    model = create_model(arch, **args)
+    model = build_recorded_model(arch, args, Path(path).name)
     check_fits(model, state, arch, args.get("num_classes", 10), Path(path).name)
     model.load_state_dict(state)
     model.to(device).eval()
     meta = {**meta, "architecture": arch, "model_args": _jsonable(args)}
     return model, meta
+
+
+def build_recorded_model(arch: str, args: Mapping[str, Any], name: str) -> nn.Module:
+    """``create_model(arch, **args)`` for arguments a file recorded: one sentence if they do not
+    fit (an argument the architecture lacks, or a value it cannot take)."""
+    try:
+        return create_model(arch, **args)
+    except RobustKDError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        extra = sorted(set(args) - {"num_classes", "in_channels", "image_size"})
+        raise CheckpointError(
+            f"{name} records model arguments ({', '.join(extra) or 'none beyond the input'}) "
+            f"that architecture {arch!r} cannot be built with; re-import the teacher with "
+            "robustkd import."
+        ) from exc
 
 
 def check_fits(

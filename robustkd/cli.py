@@ -18,7 +18,18 @@ from typing import Any
 from robustkd import __version__, distributed
 from robustkd.errors import ConfigError, RobustKDError
 
-DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "default_teacher.safetensors"
+
+def _default_teacher() -> Path:
+    """The shipped teacher: inside the installed package (a wheel puts ``assets/`` there as
+    ``robustkd/_assets/``), else in the checkout's ``assets/`` (a checkout or editable install)."""
+    from importlib.resources import files
+
+    name = "default_teacher.safetensors"
+    packaged = Path(str(files("robustkd") / "_assets" / name))
+    return packaged if packaged.is_file() else Path(__file__).resolve().parents[1] / "assets" / name
+
+
+DEFAULT_TEACHER = _default_teacher()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -449,7 +460,8 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _trigger_dict(args: argparse.Namespace) -> dict[str, Any] | None:
-    from robustkd.triggers import create_trigger
+    """The trigger the user typed, its image files read now and carried as pixels."""
+    from robustkd.triggers import trigger_from_dict
 
     if args.trigger is None:
         if args.trigger_param:
@@ -457,8 +469,10 @@ def _trigger_dict(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     if args.trigger.lower() == "none":
         return {}
+    described = {**dict(args.trigger_param), "name": args.trigger}
     try:
-        return create_trigger(args.trigger, **dict(args.trigger_param)).to_dict()
+        # the user's own paths may be opened; nothing downstream (metadata, runs) holds one
+        return trigger_from_dict(described, allow_paths=True).embedded().to_dict()
     except TypeError as exc:  # an unknown keyword for that trigger
         raise ConfigError(f"Bad parameter for trigger {args.trigger!r}: {exc}.") from exc
 
@@ -601,9 +615,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"model  {args.model} ({meta.get('architecture')})")
     print(f"data   {name} {args.split} split, {result.n_clean} images")
     print(f"ACC    {100 * result.acc:6.2f} %  ({result.n_correct} / {result.n_clean} correct)")
-    if trigger is not None:
+    if trigger is not None and result.asr is None:
+        print(f"ASR    undefined (no test image outside target class {target} to trigger)")
+    elif trigger is not None:
         print(
-            f"ASR    {100 * (result.asr or 0):6.2f} %  ({result.n_attack_success} / "
+            f"ASR    {100 * result.asr:6.2f} %  ({result.n_attack_success} / "
             f"{result.n_triggered} triggered images whose true class is not {target} "
             f"classified as {target}; trigger {trigger.name})"
         )
@@ -618,12 +634,7 @@ def _import(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     trig = _trigger_dict(args)
     if trig:
-        from robustkd.triggers import CustomTrigger, trigger_from_dict
-
-        trigger = trigger_from_dict(trig)
-        if isinstance(trigger, CustomTrigger):  # the pattern's pixels, not a path, are kept
-            trig = trigger.embedded().to_dict()
-        extra["trigger"] = trig
+        extra["trigger"] = trig  # a pattern's pixels, not its path (see _trigger_dict)
         if args.target is None:
             raise ConfigError("A trigger needs its target class; pass --target N.")
     if args.target is not None:
@@ -675,8 +686,14 @@ def _info(args: argparse.Namespace) -> int:
         value = getattr(card, key)
         if value is not None:
             label = key.replace("_architecture", "")
-            print(f"{label:<15}{json.dumps(value) if isinstance(value, dict) else value}")
-    if card.metrics:
+            if isinstance(value, dict):  # embedded pattern pixels: say how big, not the bytes
+                shown = {
+                    k: f"<PNG, {len(v) * 3 // 4:,} bytes>" if k.endswith("_png") and v else v
+                    for k, v in value.items()
+                }
+                value = json.dumps(shown)
+            print(f"{label:<15}{value}")
+    if card.metrics and card.metrics.get("acc") is not None:
         asr = card.metrics.get("asr")
         print(
             f"measured       ACC {100 * card.metrics['acc']:.2f} %"
@@ -703,6 +720,12 @@ def _list(args: argparse.Namespace) -> int:
         "layouts": lambda: list(LAYOUTS),
     }[args.what]()
     print("\n".join(names))
+    if args.what == "models":
+        from robustkd.models import unavailable_families
+
+        for family, reason in unavailable_families().items():
+            note = f"robustkd: note: the {family} models are unavailable ({reason})."
+            print(note, file=sys.stderr)
     return 0
 
 
@@ -710,12 +733,12 @@ def _distill(args: argparse.Namespace) -> int:
     from robustkd.compare import compare
     from robustkd.distill import METHODS, DistillConfig
     from robustkd.importer import load_model
-    from robustkd.presets import preset
-    from robustkd.runs import Run, RunCancelled, RunProgress
+    from robustkd.presets import distill_plan
+    from robustkd.runs import Run, RunCancelled, RunProgress, check_teacher, file_sha256
     from robustkd.scenarios import DataSources, scenario_from_plan
     from robustkd.triggers import trigger_from_dict
 
-    plan = preset(args.preset)["distill"] if args.preset else preset("fashion-badnets")["distill"]
+    plan = distill_plan(args.preset)
     values = dict(plan.get("config", {}))
     for key in (
         "student",
@@ -759,9 +782,19 @@ def _distill(args: argparse.Namespace) -> int:
     known = trigger is not None or bool(meta.get("trigger"))
     if args.scenario is None and (sources.distill is not None or not known):
         plan["scenario"] = "as-is"  # the user's data as given / no trigger to plant
+    elif plan["scenario"] is None:
+        plan["scenario"] = "untrusted"
     for key in ("scenario", "rate", "trusted_size", "distill_size", "test_size"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
+    if not args.quiet and distributed.is_main():
+        print(
+            f"plan: {plan['source']}: scenario {plan['scenario']}, trusted set "
+            f"{plan['trusted_size']}, distillation set "
+            f"{'as given' if sources.distill is not None else plan['distill_size']}"
+            + (f", triggered fraction {plan['rate']}" if plan["scenario"] == "untrusted" else ""),
+            file=sys.stderr,
+        )
     scenario = scenario_from_plan(
         plan,
         meta,
@@ -776,6 +809,7 @@ def _distill(args: argparse.Namespace) -> int:
         "argv": [a for a in args.argv if a != "--quiet"],
         "verb": args.verb,
         "teacher": str(teacher_path),
+        "teacher_sha256": file_sha256(teacher_path),  # resume refuses a rebuilt teacher
         "methods": methods,
         "plan": plan,
         "distill": config.to_dict(),
@@ -783,6 +817,13 @@ def _distill(args: argparse.Namespace) -> int:
     writer = distributed.is_main()  # under torchrun, rank 0 keeps the run folder
     if args.run:
         run = Run.open(None, args.run)
+        try:
+            if writer:
+                check_teacher(run, teacher_path)
+        except RobustKDError as exc:
+            if not args.continue_run:  # a queued run whose teacher changed while it waited
+                run.fail(str(exc))
+            raise
         if args.continue_run and writer:
             run.update_status(message="")
     else:
@@ -871,41 +912,90 @@ def _resume(args: argparse.Namespace) -> int:
 
     root = Path(args.root) if args.root else default_runs_root()
     run = Run.open(root, args.run_id)
-    state = refresh_state(run).get("state")
-    if state in ACTIVE_STATES:
-        raise ConfigError(f"Run {run.id} is still {state}; wait for it or cancel it first.")
-    if state == "done":
-        raise ConfigError(f"Run {run.id} is already done; nothing to resume.")
-    saved = run.config.get("argv")
-    if not saved or saved[0] not in ("distill", "compare"):
-        raise ConfigError(f"Run {run.id} was not started by distill or compare; it cannot resume.")
-    argv, skip = [], False
-    for a in saved:  # drop where the first attempt wrote: this one continues in place
-        if skip:
-            skip = False
-        elif a in ("--out", "--run"):
-            skip = True
-        else:
-            argv.append(a)
-    os.environ[RUNS_ENV] = str(root.resolve())
-    argv += ["--run", run.id, "--continue-run"] + (["--quiet"] if args.quiet else [])
-    return main(argv)
+    # held until the resumed work ends: a second resume (a double click) is refused at once
+    with run.worker_lock():
+        status = refresh_state(run)
+        state = status.get("state")
+        # queued with our own pid: the app queued this resume and started us for it
+        if state in ACTIVE_STATES and status.get("pid") != os.getpid():
+            raise ConfigError(f"Run {run.id} is still {state}; wait for it or cancel it first.")
+        if state == "done":
+            raise ConfigError(f"Run {run.id} is already done; nothing to resume.")
+        saved = run.config.get("argv")
+        if not saved or saved[0] not in ("distill", "compare"):
+            raise ConfigError(
+                f"Run {run.id} was not started by distill or compare; it cannot resume."
+            )
+        argv, skip = [], False
+        for a in saved:  # drop where the first attempt wrote: this one continues in place
+            if skip:
+                skip = False
+            elif a in ("--out", "--run"):
+                skip = True
+            else:
+                argv.append(a)
+        _check_saved_teacher(run, argv)
+        os.environ[RUNS_ENV] = str(root.resolve())
+        argv += ["--run", run.id, "--continue-run"] + (["--quiet"] if args.quiet else [])
+        return main(argv)
+
+
+def _check_saved_teacher(run: Any, argv: list[str]) -> None:
+    """Refuse to resume with a teacher file other than the one the run started with."""
+    from robustkd.runs import check_teacher
+
+    teacher = str(DEFAULT_TEACHER)
+    for i, a in enumerate(argv):
+        if a == "--teacher" and i + 1 < len(argv):
+            teacher = argv[i + 1]
+        elif a.startswith("--teacher="):
+            teacher = a.split("=", 1)[1]
+    if not check_teacher(run, teacher):
+        print(
+            f"robustkd: note: run {run.id} recorded no teacher hash (an older version made "
+            "it), so the teacher file cannot be checked.",
+            file=sys.stderr,
+        )
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from robustkd.runs import default_runs_root, list_runs, refresh_state
+    from robustkd.runs import (
+        DAMAGED,
+        default_runs_root,
+        list_damaged_runs,
+        list_runs,
+        queue_positions,
+        refresh_state,
+        run_label,
+    )
 
+    root = args.root or default_runs_root()
     rows = []
-    for run in list_runs(args.root or default_runs_root()):
-        status = refresh_state(run)
+    positions = queue_positions(root)
+    for run in list_runs(root):
+        try:
+            status = refresh_state(run)
+        except RobustKDError as exc:  # damaged since it was listed
+            status = {"state": DAMAGED, "message": str(exc)}
         rows.append(
             {
                 "id": run.id,
-                "state": status.get("state"),
+                "state": run_label(status, positions.get(run.id)),
                 "kind": status.get("kind"),
                 "phase": status.get("phase"),
                 "message": status.get("message"),
                 "path": str(run.path),
+            }
+        )
+    for damaged in list_damaged_runs(root):  # shown, not hidden: the user decides what to do
+        rows.append(
+            {
+                "id": damaged.id,
+                "state": DAMAGED,
+                "kind": None,
+                "phase": None,
+                "message": damaged.reason,
+                "path": str(damaged.path),
             }
         )
     if args.json:

@@ -1,5 +1,9 @@
 """Comparisons: run several methods on one scenario and write the report (JSON, Markdown,
-CSV, Plotly HTML) and the students' checkpoints into a run folder."""
+CSV, Plotly HTML) and the students' checkpoints into a run folder.
+
+A report names files, never where they lie on the machine that ran it (it is downloaded and
+shown to others): checkpoints relative to the run folder, the teacher and the screening CSV
+by name, absolute paths in the command cut to their last part."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from robustkd import __version__, distributed
 from robustkd.checkpoints import save_checkpoint
 from robustkd.distill import METHODS, DistillConfig, run_method
 from robustkd.engine import ProgressFn
+from robustkd.errors import redact_paths
 from robustkd.metrics import der, evaluate
 from robustkd.models.complexity import count_flops, count_parameters
 from robustkd.runs import Run, atomic_write_json, atomic_write_text
@@ -79,12 +84,12 @@ def compare(
     config.validate()
     report: dict[str, Any] = {
         "teacher": teacher_row(teacher, scenario),
-        "teacher_path": teacher_meta.get("path"),
+        "teacher_path": Path(teacher_meta["path"]).name if teacher_meta.get("path") else None,
         "scenario": scenario.info,
         "config": config.to_dict(),
         "methods": {},
         "reference": REFERENCE if REFERENCE in methods else "teacher",
-        "command": command,
+        "command": redact_paths(command),
         "robustkd": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -92,7 +97,11 @@ def compare(
     shared: dict[str, Any] = {}
     for method in methods:
         if method in previous:  # finished before the interruption
-            report["methods"][method] = previous[method]
+            row = dict(previous[method])
+            for key, folder in (("checkpoint", "checkpoints/"), ("screen_csv", "")):
+                if row.get(key):  # a report of an older version held absolute paths
+                    row[key] = folder + Path(str(row[key])).name
+            report["methods"][method] = row
             continue
         progress = progress_for(method) if progress_for else None
         result = run_method(
@@ -107,7 +116,7 @@ def compare(
         )
         row = {**result.metrics, "history": result.history}
         ckpt = run.checkpoint_path(f"{method}.safetensors")
-        row["checkpoint"] = str(ckpt)
+        row["checkpoint"] = ckpt.relative_to(run.path).as_posix()  # relative: see above
         report["methods"][method] = row
         _add_der(report)
         if not distributed.is_main():  # under torchrun: rank 0 writes the files
@@ -122,7 +131,8 @@ def compare(
             ckpt,
             result.model,
             {
-                "kind": "student" if result.model is not teacher else "teacher",
+                # fine-tuning and fine-pruning repair the teacher: the result is a teacher
+                "kind": "student" if is_student else "teacher",
                 "architecture": config.student or teacher_meta.get("student_architecture")
                 if is_student
                 else teacher_meta["architecture"],
@@ -141,9 +151,9 @@ def compare(
         if result.detoxifier is not None:
             result.detoxifier.save(run.checkpoint_path(f"{method}-detox.safetensors"))
         if result.screen_scores is not None and result.withheld is not None:
-            row["screen_csv"] = str(
-                write_screen(run.path, method, scenario, result.screen_scores, result.withheld)
-            )
+            row["screen_csv"] = write_screen(
+                run.path, method, scenario, result.screen_scores, result.withheld
+            ).name
         write_report(run.path, report)
         for state in run.checkpoints_dir.glob(f"{method}*.state.pt"):  # done: not needed again
             state.unlink()
@@ -301,18 +311,31 @@ def launch_compare(
 
     ``options`` maps CLI option names (without dashes, ``_`` for ``-``) to values, e.g.
     ``{"teacher": path, "scenario": "untrusted", "epochs": 2}``; the worker keeps running when
-    the caller (the app) goes away.
+    the caller (the app) goes away. With ``$ROBUSTKD_MAX_RUNS`` workers already going, the run
+    waits in state ``queued`` and starts when one ends (``robustkd.runs.start_queued``).
     """
-    from robustkd.runs import launch_worker
+    from robustkd.errors import DataError
+    from robustkd.runs import file_sha256, max_runs, queue_worker, start_queued
 
     for m in methods:
         METHODS.get(m)
+    max_runs()  # a bad $ROBUSTKD_MAX_RUNS is refused before a run folder is made
     argv = ["compare", "--methods", ",".join(methods), "--quiet"]
     for key, value in options.items():
         if value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
-    run = Run.create(root, "compare", {"methods": list(methods), "options": options, "argv": argv})
-    launch_worker([*argv, "--run", run.id], run)
+    config: dict[str, Any] = {"methods": list(methods), "options": options, "argv": argv}
+    if options.get("teacher"):  # the worker and resume refuse a teacher rebuilt meanwhile
+        try:
+            config["teacher_sha256"] = file_sha256(options["teacher"])
+        except OSError as exc:
+            raise DataError(
+                f"The teacher file {Path(str(options['teacher'])).name} is missing or "
+                "unreadable; pick another teacher."
+            ) from exc
+    run = Run.create(root, "compare", config)
+    queue_worker(run, [*argv, "--run", run.id])
+    start_queued(run.root)
     return run

@@ -398,7 +398,7 @@ def load_svhn(split: str, root: Path | None = None) -> ImageDataset:
         )
     try:
         from scipy.io import loadmat
-    except ImportError as exc:  # scipy is a dependency of captum's stack, but stay explicit
+    except ImportError as exc:  # scipy is a declared dependency; say so if it is missing
         raise DataError("Reading SVHN needs scipy; pip install scipy.") from exc
     try:
         mat = loadmat(path)

@@ -40,6 +40,7 @@ from robustkd.features import (
     resolve_layers,
     variance_score,
 )
+from robustkd.sharing import view
 from robustkd.triggers import Trigger
 
 GRANULARITIES = ("unit", "channel")
@@ -102,7 +103,11 @@ class Detoxifier(nn.Module):
         return zip(self.names, self.detox, strict=True)
 
     def attach(self, model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-        """``with detox.attach(teacher): …`` — the listed layers' outputs are detoxified."""
+        """``with detox.attach(teacher): …`` — the listed layers' outputs are detoxified.
+
+        Hooks ``model`` itself: give it a private model or a ``sharing.view`` of a shared one
+        (a shared model refuses hooks).
+        """
         resolve_layers(model, self.names)
         return forward_hooks(model, dict(self.items()))
 
@@ -344,28 +349,22 @@ def fit_learned(
     device = next(teacher.parameters()).device
     detox.to(device)
     ref_var = {n: stats[n].unit_var.mean().clamp_min(1e-8).to(device) for n in names}
-    teacher.eval()
-    frozen = [p.requires_grad for p in teacher.parameters()]
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    # an eval-mode view with frozen weights: the teacher itself is never hooked or switched
+    model = view(teacher)
     opt = torch.optim.Adam(detox.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    try:
-        with detox.attach(teacher), capture(teacher, names) as out:
-            for _ in range(epochs):
-                for images, labels in trusted.batches(batch_size, shuffle=True, generator=g):
-                    x = normalize(to_float(images.to(device)), trusted.mean, trusted.std)
-                    logits = teacher(x)
-                    var_loss = sum(out[n].float().var(0).mean() / ref_var[n] for n in names)
-                    loss = F.cross_entropy(logits, labels.to(device)) + variance_weight * var_loss
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    for _, d in detox.items():
-                        d.project()
-    finally:
-        for p, f in zip(teacher.parameters(), frozen, strict=True):
-            p.requires_grad_(f)
+    with detox.attach(model), capture(model, names) as out:
+        for _ in range(epochs):
+            for images, labels in trusted.batches(batch_size, shuffle=True, generator=g):
+                x = normalize(to_float(images.to(device)), trusted.mean, trusted.std)
+                logits = model(x)
+                var_loss = sum(out[n].float().var(0).mean() / ref_var[n] for n in names)
+                loss = F.cross_entropy(logits, labels.to(device)) + variance_weight * var_loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for _, d in detox.items():
+                    d.project()
     return detox.eval()
 
 
@@ -385,7 +384,10 @@ class DetoxPreview:
     """ACC/ASR of the threshold-detoxified teacher at one layer, from cached activations.
 
     The layer's activations on the clean and triggered evaluation images are computed once;
-    each call re-runs only the rest of the network (see ``features.tail_from``).
+    each call re-runs only the rest of the network (see ``features.tail_from``). ``mode`` is
+    the attack's (``all-to-one`` or ``all-to-all``, as ``metrics.backdoor_targets``). The
+    preview keeps a private view of the teacher (``sharing.view``) and never hooks it, so one
+    preview may serve several callers at once.
     """
 
     def __init__(
@@ -397,6 +399,7 @@ class DetoxPreview:
         trigger: Trigger | None,
         target: int | None,
         batch_size: int = 2048,
+        mode: str = "all-to-one",
     ) -> None:
         from robustkd.features import activations, tail_from
         from robustkd.metrics import backdoor_targets
@@ -406,18 +409,19 @@ class DetoxPreview:
                 f"Layer {layer!r} was not scored; choose one of: {', '.join(fit.layers)}."
             )
         self.fit = fit.layers[layer]
-        self.teacher, self.layer, self.batch_size = teacher, layer, batch_size
-        self.tail = tail_from(teacher, layer)
+        self.teacher, self.layer, self.batch_size = view(teacher), layer, batch_size
+        self.mode = mode
+        self.tail = tail_from(self.teacher, layer)
         self.labels = data.labels.cpu()
-        self.clean = activations(teacher, data, layer)
+        self.clean = activations(self.teacher, data, layer)
         self.triggered = None
         self.trigger_targets = None
         if trigger is not None and target is not None:
-            targets = backdoor_targets(self.labels, target, "all-to-one", data.num_classes)
+            targets = backdoor_targets(self.labels, target, mode, data.num_classes)
             keep = torch.nonzero(self.labels != targets).flatten()
             self.trigger_targets = targets[keep]
             if len(keep):  # none when every image is of the target class: ASR 0, as evaluate
-                self.triggered = activations(teacher, data.subset(keep), layer, trigger)
+                self.triggered = activations(self.teacher, data.subset(keep), layer, trigger)
         # without a target there is no ASR (as on the fast path), so no trigger either
         self._data, self._target = data, target
         self._trigger = trigger if self.trigger_targets is not None else None
@@ -456,8 +460,9 @@ class DetoxPreview:
             from robustkd.metrics import evaluate
 
             d = Detoxifier({self.layer: detox}, "threshold")
-            with d.attach(self.teacher):
-                ev = evaluate(self.teacher, self._data, self._trigger, self._target)
+            model = view(self.teacher)  # per call: other callers may preview at the same time
+            with d.attach(model):
+                ev = evaluate(model, self._data, self._trigger, self._target, self.mode)
             return Preview(ev.acc, ev.asr, detox.flagged, ev.n_clean, ev.n_triggered)
         preds = self._predict(detox)
         n_clean = int(self.clean.shape[0])
@@ -466,7 +471,7 @@ class DetoxPreview:
         n_trig = 0
         if self.trigger_targets is not None:
             n_trig = int(self.trigger_targets.shape[0])
-            asr = 0.0
+            # no triggered image outside the target class: undefined, as in evaluate
             if self.triggered is not None and n_trig:
                 asr = float((preds[n_clean:] == self.trigger_targets).float().mean())
         return Preview(acc, asr, detox.flagged, int(self.clean.shape[0]), n_trig)
@@ -488,11 +493,16 @@ def auto_threshold(
     if len(validation) == 0:
         raise ConfigError("The validation set is empty; give it at least one image.")
     base = evaluate(teacher, validation).acc
+    model = view(teacher)  # the candidates' hooks go on a private view, never on the teacher
     default = max(f.default_threshold for f in fit.layers.values())
     grid = sorted(candidates or [default * f for f in (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)])
     for t in grid:
-        with fit.detoxifier(t).attach(teacher):
-            acc = evaluate(teacher, validation).acc
+        with fit.detoxifier(t).attach(model):
+            acc = evaluate(model, validation).acc
         if base - acc <= max_acc_drop:
             return float(t)
-    return float(grid[-1])
+    raise ConfigError(
+        f"No candidate threshold ({grid[0]:g} … {grid[-1]:g}) keeps the clean validation ACC "
+        f"within {100 * max_acc_drop:g} points of the teacher's; allow a larger ACC drop or "
+        "pick the threshold by hand."
+    )

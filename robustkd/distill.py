@@ -96,10 +96,13 @@ class DistillConfig:
     logit_weight: float = 1.0
     feature_weight: float = 1.0
     variance_weight: float = 0.0
-    noise_rate: float = 0.0  # salt-and-pepper on the student's input (robustkd-paper: 0.1)
+    # salt-and-pepper on the student's input; None: the method's own (robustkd-paper 0.1,
+    # every other method 0)
+    noise_rate: float | None = None
     nad_weight: float = 5000.0
     finetune_epochs: int = 10
     finetune_lr: float = 0.01
+    finetune_batch_size: int = 64  # small: the trusted set may hold only a few hundred images
     prune_max_acc_drop: float = 0.05
     eval_size: int = 1000  # test images evaluated after each epoch (curves); final: all
 
@@ -111,7 +114,7 @@ class DistillConfig:
             )
         if not 0 < self.tau <= 1:
             raise ConfigError(f"τ must lie in (0, 1]; got {self.tau}.")
-        if not 0 <= self.noise_rate <= 1:
+        if self.noise_rate is not None and not 0 <= self.noise_rate <= 1:
             raise ConfigError(f"The noise rate must lie in [0, 1]; got {self.noise_rate}.")
         if not 0 <= self.blend <= 1:
             raise ConfigError(f"The blend weight must lie in [0, 1]; got {self.blend}.")
@@ -119,6 +122,10 @@ class DistillConfig:
             raise ConfigError(
                 f"Unknown screening policy {self.screen_policy!r}; choose one of: "
                 f"{', '.join(SCREEN_POLICIES)}."
+            )
+        if self.finetune_batch_size < 1:
+            raise ConfigError(
+                f"The fine-tuning batch size must be at least 1; got {self.finetune_batch_size}."
             )
         for key in ("logit_weight", "feature_weight", "variance_weight", "nad_weight"):
             if getattr(self, key) < 0:
@@ -371,7 +378,7 @@ def fine_tune(
 ) -> list[dict[str, Any]]:
     """Fine-tune ``model`` in place on the defender's trusted clean set."""
     cfg = config.train_config(
-        epochs=config.finetune_epochs, lr=config.finetune_lr, batch_size=min(config.batch_size, 64)
+        epochs=config.finetune_epochs, lr=config.finetune_lr, batch_size=config.finetune_batch_size
     )
     return train_model(
         model,
@@ -539,7 +546,7 @@ def run_method(
                 "feature_weight": config.feature_weight,
                 "detoxifier": detox,
                 "withheld": withheld,
-                "noise_rate": config.noise_rate,
+                "noise_rate": config.noise_rate if config.noise_rate is not None else 0.0,
             }
         elif method == "robustkd-paper":
             detox = fit_learned(
@@ -553,7 +560,7 @@ def run_method(
             kw = {
                 "feature_weight": config.feature_weight,
                 "detoxifier": detox,
-                "noise_rate": config.noise_rate or 0.1,
+                "noise_rate": config.noise_rate if config.noise_rate is not None else 0.1,
             }
         elif method == "nad":
             if "nad_teacher" not in shared:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from torch import fx, nn
 
 from robustkd.data import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError, UnknownNameError
+from robustkd.sharing import view
 from robustkd.triggers import Trigger
 
 # --------------------------------------------------------------------------- layers and hooks
@@ -58,7 +60,11 @@ def forward_hooks(
     model: nn.Module, hooks: dict[str, Callable[[torch.Tensor], Any]]
 ) -> Iterator[nn.Module]:
     """Within the block, ``hooks[layer](output)`` runs after each forward of that layer; a
-    non-None return value replaces the layer's output. Hooks are removed on exit."""
+    non-None return value replaces the layer's output. Hooks are removed on exit.
+
+    The hooks go on ``model`` itself: pass a private model or a ``sharing.view`` of a shared
+    one (a shared model refuses hooks).
+    """
     modules = dict(model.named_modules())
     handles = [
         modules[name].register_forward_hook(lambda _m, _i, output, fn=fn: fn(output))
@@ -97,24 +103,21 @@ def layer_outputs(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield, batch by batch, the outputs of ``layers`` on ``data`` (triggered if asked).
 
-    The model runs in eval mode and gets its previous mode back afterwards. ``layers`` must
-    already be valid names (see ``resolve_layers``).
+    Runs an eval-mode view of ``model`` (``sharing.view``): ``model`` itself gets no hook and
+    no mode switch, so other callers may use it meanwhile. ``layers`` must already be valid
+    names (see ``resolve_layers``).
     """
     if len(data) == 0:
         raise ConfigError(f"The image set {data.name!r} is empty; give it at least one image.")
     device = torch.device(device) if device else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with capture(model, layers) as out:
-            for images, _ in data.batches(batch_size):
-                x = to_float(images.to(device))
-                if trigger is not None:
-                    x = trigger.apply(x)
-                model(normalize(x, data.mean, data.std))
-                yield out
-    finally:
-        model.train(was_training)
+    own = view(model)
+    with capture(own, layers) as out:
+        for images, _ in data.batches(batch_size):
+            x = to_float(images.to(device))
+            if trigger is not None:
+                x = trigger.apply(x)
+            own(normalize(x, data.mean, data.std))
+            yield out
 
 
 # --------------------------------------------------------------------------- streaming moments
@@ -337,6 +340,37 @@ class StatsCache:
 
 # --------------------------------------------------------------------------- network tails
 
+# fx patches nn.Module.__call__ and __getattr__ for the whole process while it traces, so
+# traces take turns (two at once could leave the patch in place) and _TailTracer lets the
+# forward passes of other threads (other sessions) through untouched meanwhile.
+_TRACE_LOCK = threading.Lock()
+
+
+class _TailTracer(fx.Tracer):
+    """Traces with ``layer`` as a leaf. A forward pass of another thread during the trace
+    runs as usual (the stock tracer would record it, or fail: "not installed as a
+    submodule")."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.thread = threading.get_ident()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname == self.layer or super().is_leaf_module(m, qualname)
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict
+    ) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
 
 def tail_from(model: nn.Module, layer: str) -> nn.Module | None:
     """The part of ``model`` after ``layer``: a module mapping that layer's output to logits.
@@ -344,15 +378,14 @@ def tail_from(model: nn.Module, layer: str) -> nn.Module | None:
     Built by tracing the model (torch.fx) and keeping only what follows the layer, so a
     preview can re-run just the rest of the network on cached activations. ``None`` when the
     model cannot be traced or something after the layer also reads earlier values (a skip
-    connection across it).
+    connection across it). The tail runs the modules of a private view of ``model``
+    (``sharing.view``), never ``model``'s own.
     """
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return qualname == layer or super().is_leaf_module(m, qualname)
-
+    own = view(model)
     try:
-        traced = fx.GraphModule(model, _Tracer().trace(model))
+        with _TRACE_LOCK:
+            graph_in = _TailTracer(layer).trace(own)
+        traced = fx.GraphModule(own, graph_in)
     except Exception:  # untraceable control flow: the caller falls back to full forwards
         return None
     graph = fx.Graph()

@@ -64,7 +64,7 @@ def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def _to_rgb_or_l(image: Image.Image, notes: list[str]) -> Image.Image:
+def to_rgb_or_l(image: Image.Image, notes: list[str]) -> Image.Image:
     """Convert any PIL mode to 8-bit "L" or "RGB", noting what was done."""
     mode = image.mode
     has_alpha = mode in _WITH_ALPHA or "transparency" in image.info
@@ -142,7 +142,7 @@ def read_image(
             notes.append("Rotated as its EXIF orientation says.")
             if orientation >= 5:  # a quarter turn swaps width and height
                 size0 = size0[::-1]
-        image = _to_rgb_or_l(image, notes)
+        image = to_rgb_or_l(image, notes)
     except DataError:
         raise
     except Exception as exc:  # truncated or corrupt pixel data
@@ -176,6 +176,40 @@ def read_image(
         pixels = np.repeat(pixels[:, :, :1], channels, axis=2)
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255.0
     return tensor.contiguous(), notes
+
+
+def read_rgba(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool]:
+    """Image bytes as uint8 RGBA ``(H, W, 4)`` pixels, and whether the image has transparency.
+
+    The same checks as ``read_image`` (formats, pixel cap before decoding, bombs); the pixels
+    keep their size. ``what`` names the image in error messages.
+    """
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(f"max_pixels must be a positive integer; got {max_pixels!r}.")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DataError(f"The {what} must be given as bytes; got {type(data).__name__}.")
+    data = bytes(data)
+    if not data:
+        raise DataError(f"The {what} is empty; give a {FORMAT_NAMES} image.")
+    image = _open(data, what, max_pixels)
+    try:
+        with image:
+            if int(getattr(image, "n_frames", 1) or 1) > 1:
+                image.seek(0)
+            image.load()
+            has_alpha = image.mode in _WITH_ALPHA or "transparency" in image.info
+            if image.mode in _SIXTEEN_BIT or image.mode in ("I", "F"):
+                converted = to_rgb_or_l(image, [])  # PIL's own convert clips these to 255
+            else:
+                converted = image
+            rgba = np.array(converted.convert("RGBA"), dtype=np.uint8)
+    except DataError:
+        raise
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise DataError(
+            f"The {what} is damaged and cannot be decoded; give a complete {FORMAT_NAMES} file."
+        ) from exc
+    return rgba, has_alpha
 
 
 def to_display(image: torch.Tensor) -> np.ndarray:

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd.checkpoints import read_metadata, save_checkpoint
+from robustkd.checkpoints import build_recorded_model, read_metadata, save_checkpoint
 from robustkd.data import ImageDataset
 from robustkd.errors import CheckpointError, ConfigError
-from robustkd.models import create_model
+from robustkd.metadata import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from robustkd.models.interop import (
     LAYOUTS,
     adapt_state_dict,
@@ -131,6 +131,7 @@ def load_model(
         raise CheckpointError(
             f"Cannot tell how many classes {path.name} predicts; pass --num-classes N."
         )
+    _check_io(path.name, classes, channels, size, meta.get("target"))
     arch = options.architecture or meta.get("architecture") or hints.get("architecture")
     layout = options.layout
     if layout == "auto" and meta.get("architecture") and not options.architecture:
@@ -141,7 +142,7 @@ def load_model(
         arch, layout = _recognise(path, state, int(classes), int(channels), size)
     args.update(model_args_for(arch, layout))
     args.update(num_classes=int(classes), in_channels=int(channels), image_size=size)
-    model = create_model(arch, **args)
+    model = build_recorded_model(arch, args, path.name)
     state, used = adapt_state_dict(state, arch, layout, model)
     model.load_state_dict(state)
     model.to(device).eval()
@@ -167,6 +168,33 @@ def load_model(
     if data is not None and not out.get("classes") and data.num_classes == classes:
         out["classes"] = list(data.classes)
     return model, out
+
+
+def _check_io(
+    name: str, classes: int, channels: int, size: tuple[int, ...], target: int | None
+) -> None:
+    """Bounds on what the file, its hints and the options said together, before any
+    layer is allocated from them."""
+    if not 2 <= classes <= MAX_CLASSES:
+        raise ConfigError(
+            f"{name} would predict {classes} classes; a model needs 2 to {MAX_CLASSES:,} "
+            "(pass --num-classes N)."
+        )
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ConfigError(
+            f"{name} would take {channels} input channels; give 1 to {MAX_CHANNELS} "
+            "(--in-channels N)."
+        )
+    if len(size) != 2 or not all(MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE for v in size):
+        raise ConfigError(
+            f"{name} would take images of {'×'.join(map(str, size))} pixels; give a size from "
+            f"{MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} per side (--image-size)."
+        )
+    if target is not None and not 0 <= target < classes:
+        raise CheckpointError(
+            f"{name} records target class {target} but its model predicts {classes} classes; "
+            "re-import the teacher with the right --target."
+        )
 
 
 def _first(*values: Any) -> Any:

@@ -15,6 +15,7 @@ from torch import nn
 from robustkd.data import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError
 from robustkd.poison import backdoor_targets
+from robustkd.sharing import view
 from robustkd.triggers import Trigger
 
 __all__ = ["backdoor_targets", "confusion_matrix", "der", "evaluate", "predict"]
@@ -32,22 +33,22 @@ def predict(
     return_probs: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Class predictions (or softmax probabilities) for uint8 or [0, 1] float images."""
+    """Class predictions (or softmax probabilities) for uint8 or [0, 1] float images.
+
+    Runs an eval-mode view of ``model`` (``sharing.view``), so ``model``'s own mode is never
+    switched: it may be shared, or in the middle of training.
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    own = view(model)
     outputs = []
-    try:
-        for start in range(0, images.shape[0], batch_size):
-            x = to_float(images[start : start + batch_size].to(device))
-            if trigger is not None:
-                x = trigger.apply(x)
-            logits = model(normalize(x, mean, std)).float()
-            outputs.append(logits.softmax(1).cpu() if return_probs else logits.argmax(1).cpu())
-            if on_batch is not None:
-                on_batch(int(x.shape[0]))
-    finally:
-        model.train(was_training)
+    for start in range(0, images.shape[0], batch_size):
+        x = to_float(images[start : start + batch_size].to(device))
+        if trigger is not None:
+            x = trigger.apply(x)
+        logits = own(normalize(x, mean, std)).float()
+        outputs.append(logits.softmax(1).cpu() if return_probs else logits.argmax(1).cpu())
+        if on_batch is not None:
+            on_batch(int(x.shape[0]))
     if not outputs:
         return torch.empty((0,) if not return_probs else (0, 0))
     return torch.cat(outputs)
@@ -128,7 +129,8 @@ def evaluate(
         )
         n_trig = int(idx.numel())
         n_hit = int((trig_preds == targets[idx]).sum())
-        asr = n_hit / n_trig if n_trig else 0.0
+        # no triggered image outside the target class: the rate is undefined, not 0
+        asr = n_hit / n_trig if n_trig else None
     return Evaluation(
         acc=n_correct / max(1, len(dataset)),
         n_clean=len(dataset),

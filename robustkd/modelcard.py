@@ -11,6 +11,7 @@ from torch import nn
 from robustkd.data import ImageDataset
 from robustkd.errors import ConfigError
 from robustkd.models.complexity import count_flops, count_parameters
+from robustkd.poison import MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ModelCard:
     classes: list[str]
     trigger: dict[str, Any] | None
     target: int | None
+    attack_mode: str  # all-to-one or all-to-all (see metrics.backdoor_targets)
     student_architecture: str | None
     metrics: dict[str, Any] | None
     metadata: dict[str, Any]
@@ -61,10 +63,22 @@ def model_card(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Mode
         classes=list(meta.get("classes", [])),
         trigger=meta.get("trigger"),
         target=meta.get("target"),
+        attack_mode=attack_mode_of(meta),
         student_architecture=meta.get("student_architecture"),
         metrics=meta.get("metrics"),
         metadata={k: v for k, v in meta.items() if k != "history"},
     )
+
+
+def attack_mode_of(meta: dict[str, Any]) -> str:
+    """The backdoor's attack mode a checkpoint records (all-to-one when it records none)."""
+    mode = meta.get("attack_mode") or "all-to-one"
+    if mode not in MODES:
+        raise ConfigError(
+            f"The checkpoint records the unknown attack mode {mode!r}; re-import it with one of "
+            f"{', '.join(MODES)}."
+        )
+    return str(mode)
 
 
 def normalized_for(meta: dict[str, Any], data: ImageDataset) -> ImageDataset:

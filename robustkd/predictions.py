@@ -1,8 +1,10 @@
 """What a model says about a few images: labelled top-k probabilities, and trigger flips.
 
 ``top_k_predictions`` labels a model's most likely classes per image; ``flip_grid`` stamps a
-trigger on a seeded sample of test images whose true class is not the target and counts how
-many the model then assigns to the target (the images behind one ASR estimate).
+trigger on a seeded sample of test images whose true class is not their attack target and
+counts how many the model then assigns to it (the images behind one ASR estimate). The attack
+target of an image is ``target`` (all-to-one) or the class after its own (all-to-all), as in
+``metrics.backdoor_targets``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from torch import nn
 
 from robustkd.data import ImageDataset, to_float
 from robustkd.errors import ConfigError, DataError
-from robustkd.metrics import predict
+from robustkd.metrics import backdoor_targets, predict
+from robustkd.poison import MODES
 from robustkd.triggers import Trigger
 
 
@@ -55,7 +58,7 @@ def top_k_predictions(
 class FlipGrid:
     """Clean and triggered versions of ``n`` test images and the model's answers on both.
 
-    Only images whose true class is not ``target`` are drawn (as for ASR), so
+    Only images whose true class is not their attack target are drawn (as for ASR), so
     ``n_flipped / n`` estimates the ASR on this sample.
     """
 
@@ -68,6 +71,8 @@ class FlipGrid:
     clean_conf: torch.Tensor  # (N,) probability of the clean prediction
     triggered_conf: torch.Tensor  # (N,) probability of the triggered prediction
     target: int
+    targets: torch.Tensor  # (N,) each image's attack target
+    mode: str = "all-to-one"
 
     @property
     def n(self) -> int:
@@ -75,8 +80,8 @@ class FlipGrid:
 
     @property
     def flipped(self) -> torch.Tensor:
-        """Bool ``(N,)``: the triggered image is classified as the target."""
-        return self.triggered_preds == self.target
+        """Bool ``(N,)``: the triggered image is classified as its attack target."""
+        return self.triggered_preds == self.targets
 
     @property
     def n_flipped(self) -> int:
@@ -93,6 +98,8 @@ class FlipGrid:
             "n": self.n,
             "n_flipped": self.n_flipped,
             "target": self.target,
+            "targets": self.targets.tolist(),
+            "mode": self.mode,
         }
 
 
@@ -103,8 +110,10 @@ def flip_grid(
     target: int,
     n: int,
     seed: int = 0,
+    mode: str = "all-to-one",
 ) -> FlipGrid:
-    """Stamp ``trigger`` on ``n`` seeded random images of ``data`` not of class ``target``."""
+    """Stamp ``trigger`` on ``n`` seeded random images of ``data`` not of their attack target
+    (``target`` for all-to-one; for all-to-all the class after their own)."""
     if not isinstance(trigger, Trigger):
         raise ConfigError(
             f"flip_grid needs a Trigger object, got {type(trigger).__name__}; build one with "
@@ -113,11 +122,14 @@ def flip_grid(
     k = data.num_classes
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < k:
         raise ConfigError(f"The target class must lie between 0 and {k - 1}; got {target!r}.")
-    eligible = torch.nonzero(data.labels.cpu() != target).flatten()
+    if mode not in MODES:
+        raise ConfigError(f"Unknown attack mode {mode!r}; use {' or '.join(MODES)}.")
+    labels = data.labels.cpu()
+    all_targets = backdoor_targets(labels, target, mode, k)
+    eligible = torch.nonzero(labels != all_targets).flatten()
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(eligible):
-        raise ConfigError(
-            f"Choose between 1 and {len(eligible)} images (those not of class {target}); got {n!r}."
-        )
+        which = f"those not of class {target}" if mode == "all-to-one" else "all-to-all"
+        raise ConfigError(f"Choose between 1 and {len(eligible)} images ({which}); got {n!r}.")
     order = torch.randperm(len(eligible), generator=torch.Generator().manual_seed(int(seed)))
     idx = eligible[order[:n]]
     clean = to_float(data.images[idx.to(data.images.device)].cpu())
@@ -136,4 +148,6 @@ def flip_grid(
         clean_conf=clean_conf,
         triggered_conf=trig_conf,
         target=target,
+        targets=all_targets[idx],
+        mode=mode,
     )

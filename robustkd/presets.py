@@ -66,6 +66,26 @@ _quick["distill"].update(
 PRESETS.register("fashion-badnets-quick")(_quick)
 
 
+# `distill` / `compare` without --preset: sizes and training of no particular data set; the
+# scenario is chosen from what is known (as-is with the user's data or without a trigger,
+# else untrusted), and the CLI says which plan it used.
+DEFAULT_PLAN: dict[str, Any] = {
+    "scenario": None,
+    "rate": 0.1,
+    "trusted_size": 1000,
+    "distill_size": 20000,
+    "test_size": None,
+    "config": {},
+}
+
+
+def distill_plan(name: str | None) -> dict[str, Any]:
+    """The distillation plan of preset ``name`` (a copy), or ``DEFAULT_PLAN`` without one."""
+    plan = preset(name)["distill"] if name else copy.deepcopy(DEFAULT_PLAN)
+    plan["source"] = f"preset {name}" if name else "the default plan (no --preset)"
+    return plan
+
+
 def preset(name: str) -> dict[str, Any]:
     """A deep copy of the preset's configuration (safe to modify)."""
     return copy.deepcopy(PRESETS.get(name))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from robustkd.errors import ConfigError
+from robustkd.sharing import view
 
 
 def latency_per_image(
@@ -31,22 +32,17 @@ def latency_per_image(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.rand(batch, *input_shape, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+    model = view(model)  # eval mode without switching the caller's (maybe shared) model
     times = []
-    try:
-        with torch.inference_mode():
-            for _ in range(2):  # warm-up: first calls pay for allocation and kernel choice
-                model(x)
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up: first calls pay for allocation and kernel choice
+            model(x)
+        sync()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
             sync()
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x)
-                sync()
-                times.append(time.perf_counter() - start)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+            times.append(time.perf_counter() - start)
     return max(statistics.median(times) / batch, 1e-9)
 
 
@@ -55,16 +51,24 @@ def _pct(value: Any) -> float | None:
 
 
 def report_rows(
-    report: dict[str, Any], latency: Callable[[Path], float | None] | None = None
+    report: dict[str, Any],
+    latency: Callable[[Path], float | None] | None = None,
+    folder: str | Path | None = None,
+    teacher: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """One row per model of a comparison report (the teacher first), in display units.
 
     Columns: model, ACC (%), ASR (%), DER, params, FLOPs, checkpoint (MB), latency (ms / image).
     ``latency(path)`` measures a checkpoint file (None when it cannot); sizes and latencies of
-    missing files are None.
+    missing files are None. A report names its checkpoints relative to its run ``folder`` and
+    the teacher by name only, so the teacher's file is ``teacher`` when given.
     """
-    models = [("teacher", report["teacher"], report.get("teacher_path"))]
-    models += [(name, row, row.get("checkpoint")) for name, row in report["methods"].items()]
+    base = Path(folder) if folder is not None else Path()
+    models = [("teacher", report["teacher"], teacher or report.get("teacher_path"))]
+    models += [
+        (name, row, base / row["checkpoint"] if row.get("checkpoint") else None)
+        for name, row in report["methods"].items()
+    ]
     rows = []
     for name, row, file in models:
         path = Path(file) if file else None

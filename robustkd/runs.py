@@ -10,14 +10,23 @@ marker). A run folder ``<root>/<id>/`` holds::
     checkpoints/    model files written by the job
     log.txt         the worker's stdout and stderr
     cancel          present once a cancel was requested; the worker polls for it
+    .worker.lock    locked (``flock``) by the run's one worker for its whole life
 
 Every file a reader may look at is either replaced atomically (``tempfile`` + ``os.replace``)
 or appended line by line, so polling a run while its worker writes is always safe.
+
+One worker per run: the launcher takes the run's worker lock before the worker process exists
+and hands it over (an inherited descriptor), so a second launch, resume or double click is
+refused at once, and the lock goes away with the process however it ends. The app starts at
+most ``$ROBUSTKD_MAX_RUNS`` workers per runs folder (default 2); the others wait in state
+``queued`` and start, oldest first, when a worker ends (the ending worker starts the next one)
+or when the app polls after a crash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -29,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -42,11 +52,17 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 RUNS_ENV = "ROBUSTKD_RUNS"
+MAX_RUNS_ENV = "ROBUSTKD_MAX_RUNS"  # workers the app runs at once per runs folder
+DEFAULT_MAX_RUNS = 2
+# "<fd>:<run folder>": the worker lock a launcher handed to this process (see launch_worker)
+WORKER_LOCK_ENV = "ROBUSTKD_WORKER_LOCK"
 STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
 TERMINAL_STATES = ("done", "failed", "cancelled")
 CANCELLED_MESSAGE = "the run was cancelled"
 DIED_MESSAGE = "the worker process stopped unexpectedly (killed or crashed); resume or relaunch it"
+QUEUED_MESSAGE = "waiting for a free worker slot"
+DAMAGED = "damaged"  # what listings call a run folder whose files cannot be read
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -56,6 +72,8 @@ LOG_FILE = "log.txt"
 CANCEL_FILE = "cancel"
 CHECKPOINTS_DIR = "checkpoints"
 _LOCK_FILE = ".status.lock"
+_WORKER_LOCK_FILE = ".worker.lock"
+_QUEUE_LOCK_FILE = ".queue.lock"  # in the runs root: one scheduling decision at a time
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
@@ -63,6 +81,9 @@ _KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 # Workers this process launched, so that ``is_alive`` can reap them (an exited child stays a
 # zombie, which ``os.kill(pid, 0)`` still reports as alive, until its parent waits for it).
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+# Worker locks this process holds: run folder → [descriptor, holders] (re-entrant, so that
+# ``resume`` can hold the lock and the ``compare`` it runs in-process can take it again).
+_HELD: dict[Path, list[int]] = {}
 
 
 class RunCancelled(RobustKDError):  # noqa: N818 - reads as a state, like "cancelled"
@@ -213,6 +234,8 @@ class Run:
 
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
+        self._started = False  # this process is the run's worker (between start and the end)
+        self._locked_by_start = False
 
     def __repr__(self) -> str:
         return f"Run({str(self._path)!r})"
@@ -353,13 +376,13 @@ class Run:
             status = _read_json(self._path / STATUS_FILE)
         except (OSError, ValueError) as exc:
             raise RobustKDError(
-                f"The status of run {self.id!r} is missing or unreadable; delete its folder "
-                f"{self._path} or relaunch the job."
+                f"The status of run {self.id!r} is missing or unreadable; delete the run's "
+                "folder or relaunch the job."
             ) from exc
         if not isinstance(status, dict):
             raise RobustKDError(
-                f"The status of run {self.id!r} is not a JSON object; delete its folder "
-                f"{self._path} or relaunch the job."
+                f"The status of run {self.id!r} is not a JSON object; delete the run's folder "
+                "or relaunch the job."
             )
         return status
 
@@ -402,11 +425,103 @@ class Run:
         """Merge ``fields`` into ``status.json`` (and stamp ``updated``); returns the new status."""
         return self._modify_status(lambda _: fields)
 
+    # ---- the one worker
+
+    def _try_worker_lock(self) -> int | None:
+        """A descriptor holding this run's worker lock, or None while another holds it."""
+        if fcntl is None:  # pragma: no cover - Windows: no lock, one worker is trusted
+            return os.open(os.devnull, os.O_RDONLY)
+        fd = os.open(self._path / _WORKER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _adopt_inherited_lock(self) -> int | None:
+        """The worker lock the launcher handed to this process for this run, if any."""
+        held = os.environ.get(WORKER_LOCK_ENV, "")
+        fd_text, _, folder = held.partition(":")
+        if fcntl is None or not fd_text.isdigit() or Path(folder) != self._path.resolve():
+            return None
+        fd = int(fd_text)
+        try:
+            mine, lock = os.fstat(fd), os.stat(self._path / _WORKER_LOCK_FILE)
+            if (mine.st_dev, mine.st_ino) != (lock.st_dev, lock.st_ino):
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: succeeds at once
+        except OSError:
+            return None
+        del os.environ[WORKER_LOCK_ENV]  # not for this process's own children
+        return fd
+
+    def _acquire_worker_lock(self) -> None:
+        key = self._path.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return
+        fd = self._adopt_inherited_lock()
+        if fd is None:
+            fd = self._try_worker_lock()
+        if fd is None:
+            raise RobustKDError(
+                f"Run {self.id!r} is already being worked on by another process (a launch or "
+                "resume that is still going); wait for it to finish or cancel it first."
+            )
+        _HELD[key] = [fd, 1]
+
+    def _release_worker_lock(self) -> None:
+        key = self._path.resolve()
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del _HELD[key]
+            os.close(held[0])  # the lock goes with the last descriptor of it
+
+    @contextlib.contextmanager
+    def worker_lock(self) -> Iterator[None]:
+        """Hold this run's worker lock (refused in one sentence while another process has it).
+
+        Re-entrant within a process; a worker started by ``launch_worker`` takes over the lock
+        its launcher took for it.
+        """
+        self._acquire_worker_lock()
+        try:
+            yield
+        finally:
+            self._release_worker_lock()
+
+    def worker_busy(self) -> bool:
+        """Whether some process (this one included) holds the run's worker lock now."""
+        if self._path.resolve() in _HELD:
+            return True
+        fd = self._try_worker_lock()
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
     def start(self, epochs: int | None = None, steps: int | None = None) -> dict[str, Any]:
-        """Called by the worker as it begins: state ``running`` with this process's pid."""
+        """Called by the worker as it begins: state ``running`` with this process's pid.
+
+        Takes the run's worker lock until ``finish``, ``fail`` or ``mark_cancelled`` (refused
+        in one sentence while another process works on the run); under torchrun the launching
+        process holds it for its ranks.
+        """
+        from robustkd import distributed
+
+        if not self._started:
+            if not distributed.launched():
+                self._acquire_worker_lock()
+                self._locked_by_start = True
+            self._started = True
         return self.update_status(
             state="running",
             pid=os.getpid(),
+            pid_start=process_start_time(os.getpid()),
             started=_now(),
             epochs=epochs,
             steps=steps,
@@ -419,7 +534,15 @@ class Run:
     def _end(self, **fields: Any) -> dict[str, Any]:
         with contextlib.suppress(FileNotFoundError):
             (self._path / CANCEL_FILE).unlink()
-        return self.update_status(eta_seconds=None, finished=_now(), **fields)
+        status = self.update_status(eta_seconds=None, finished=_now(), **fields)
+        if self._started:  # the worker ends: its slot goes to the queue
+            self._started = False
+            if self._locked_by_start:
+                self._locked_by_start = False
+                self._release_worker_lock()
+            with contextlib.suppress(RobustKDError, OSError):  # the app's polling retries
+                start_queued(self.root)
+        return status
 
     def finish(self, report: Mapping[str, Any]) -> dict[str, Any]:
         """Write ``report.json``, then mark the run ``done``."""
@@ -437,8 +560,18 @@ class Run:
     # ---- cancelling
 
     def request_cancel(self) -> None:
-        """Ask the worker to stop (it checks at every progress event)."""
+        """Ask the worker to stop (it checks at every progress event); a run still waiting
+        in the queue, with no worker to ask, is cancelled at once."""
         atomic_write_text(self._path / CANCEL_FILE, _now() + "\n")
+        fd = self._try_worker_lock()  # held: a worker exists (or is being launched) and sees it
+        if fd is None:
+            return
+        try:
+            status = self.status()
+            if status.get("state") == "queued" and status.get("pid") is None:
+                self.mark_cancelled()
+        finally:
+            os.close(fd)
 
     def cancel_requested(self) -> bool:
         return (self._path / CANCEL_FILE).exists()
@@ -488,16 +621,39 @@ class Run:
 # --------------------------------------------------------------------------- liveness
 
 
-def is_alive(pid: int) -> bool:
-    """Whether process ``pid`` is still running on this machine (zombies count as dead)."""
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22);
+    None where there is no ``/proc`` (macOS, Windows) or no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # the name in parentheses may hold spaces
+    try:
+        return int(fields[19])  # fields[0] is field 3 (the state)
+    except (IndexError, ValueError):
+        return None
+
+
+def is_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` is still running on this machine (zombies count as dead).
+
+    With ``started`` (``process_start_time`` recorded when the worker began), a process that
+    merely reuses the pid after the worker died counts as dead too; where start times are
+    unknown, only the pid is checked.
+    """
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False  # os.kill(0 or -n, …) would address process groups
     child = _CHILDREN.get(pid)
-    if child is not None:
+    if child is not None:  # our own unreaped child: its pid cannot have been reused
         if child.poll() is None:
             return True
         del _CHILDREN[pid]
         return False
+    if isinstance(started, int) and not isinstance(started, bool):
+        now = process_start_time(pid)
+        if now is not None and now != started:
+            return False  # the pid belongs to another process now
     if os.name == "nt":  # pragma: no cover - os.kill would terminate the process
         return _windows_alive(pid)
     try:
@@ -540,8 +696,12 @@ def refresh_state(run: Run) -> dict[str, Any]:
     """The run's status, after marking it ``failed`` if its worker died without saying so."""
 
     def change(status: dict[str, Any]) -> dict[str, Any] | None:
-        pid = status.get("pid")
-        if status.get("state") in ACTIVE_STATES and isinstance(pid, int) and not is_alive(pid):
+        pid, started = status.get("pid"), status.get("pid_start")
+        if (
+            status.get("state") in ACTIVE_STATES
+            and isinstance(pid, int)
+            and not is_alive(pid, started if isinstance(started, int) else None)
+        ):
             return {"state": "failed", "message": DIED_MESSAGE, "eta_seconds": None}
         return None
 
@@ -552,17 +712,39 @@ def refresh_state(run: Run) -> dict[str, Any]:
     return run._modify_status(change)
 
 
-def list_runs(root: str | Path | None = None) -> list[Run]:
-    """The runs under ``root`` (default ``default_runs_root()``), newest first.
+@dataclass(frozen=True)
+class DamagedRun:
+    """A run folder whose status or config cannot be read, and why (for listings)."""
 
-    Folders without a readable ``status.json`` (junk, half-created, damaged) are skipped.
-    """
-    root = default_runs_root() if root is None else Path(root)
+    id: str
+    path: Path
+    reason: str
+
+
+def _damage(folder: Path, status: Any) -> str | None:
+    """Why a run folder with a ``status.json`` is unusable, or None when it is fine."""
+    if isinstance(status, Exception):
+        return "its status.json is unreadable or not valid JSON"
+    if not isinstance(status, dict):
+        return "its status.json is not a JSON object"
+    if status.get("state") not in STATES:
+        return f"its status.json names no known state ({str(status.get('state'))[:40]!r})"
+    try:
+        config = _read_json(folder / CONFIG_FILE)
+    except (OSError, ValueError):
+        return "its config.json is missing, unreadable or not valid JSON"
+    if not isinstance(config, dict):
+        return "its config.json is not a JSON object"
+    return None
+
+
+def _scan(root: Path) -> tuple[list[Run], list[DamagedRun]]:
     try:
         entries = list(root.iterdir())
     except OSError:
-        return []
+        return [], []
     found: list[tuple[str, str, Run]] = []
+    damaged: list[DamagedRun] = []
     for entry in entries:
         if not _NAME_RE.match(entry.name):
             continue
@@ -570,15 +752,41 @@ def list_runs(root: str | Path | None = None) -> list[Run]:
             # like Run.open: only real folders of this root, no links leading elsewhere
             if not entry.is_dir() or entry.resolve().parent != root.resolve():
                 continue
-            status = _read_json(entry / STATUS_FILE)
-        except (OSError, ValueError):
-            continue
-        if not isinstance(status, dict) or status.get("state") not in STATES:
+            if not (entry / STATUS_FILE).is_file():
+                continue  # junk, the uploads folder, or a run still being created
+            status: Any = _read_json(entry / STATUS_FILE)
+        except (OSError, ValueError) as exc:
+            status = exc
+        reason = _damage(entry, status)
+        if reason is not None:
+            damaged.append(DamagedRun(entry.name, entry, reason))
             continue
         created = status.get("created")
         found.append((created if isinstance(created, str) else "", entry.name, Run(entry)))
     found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-    return [run for _, _, run in found]
+    damaged.sort(key=lambda d: d.id, reverse=True)
+    return [run for _, _, run in found], damaged
+
+
+def list_runs(root: str | Path | None = None) -> list[Run]:
+    """The runs under ``root`` (default ``default_runs_root()``), newest first.
+
+    Folders without a ``status.json`` (junk, half-created) are skipped; those whose status or
+    config cannot be read are left out here and listed by ``list_damaged_runs``.
+    """
+    return _scan(default_runs_root() if root is None else Path(root))[0]
+
+
+def list_damaged_runs(root: str | Path | None = None) -> list[DamagedRun]:
+    """Run folders under ``root`` with a ``status.json`` or ``config.json`` that cannot be
+    read (corrupt, not an object, an unknown state), each with the reason in words."""
+    return _scan(default_runs_root() if root is None else Path(root))[1]
+
+
+def run_label(status: Mapping[str, Any], position: int | None = None) -> str:
+    """A run's state as listings show it: ``queued (position N)`` while it waits its turn."""
+    state = str(status.get("state"))
+    return f"{state} (position {position})" if state == "queued" and position else state
 
 
 # --------------------------------------------------------------------------- progress
@@ -686,14 +894,36 @@ def launch_worker(
     run: Run,
     module: str | None = "robustkd",
     cwd: str | Path | None = None,
+    *,
+    lock_fd: int | None = None,
 ) -> int:
     """Start ``python -m <module> *argv`` detached in the background for ``run``; return its pid.
 
     With ``module=None`` the interpreter gets ``argv`` directly (e.g. ``["-c", code]``). The
     worker's stdout and stderr go to the run's ``log.txt``, stdin is closed, it runs in a new
     session (so it outlives the app), ``$ROBUSTKD_RUNS`` points at the run's root, and its pid
-    goes into ``status.json``.
+    goes into ``status.json``. The run's worker lock is taken here, before the process exists,
+    and handed to it: while a worker of the run lives, a second launch is refused in one
+    sentence (``lock_fd``: the lock, already taken by the caller). Starts at once, whatever the
+    limit; ``queue_worker`` + ``start_queued`` respect it.
     """
+    if lock_fd is not None:
+        return _spawn(argv, run, module, cwd, lock_fd)
+    fd = run._try_worker_lock()
+    if fd is None:
+        raise RobustKDError(
+            f"Run {run.id!r} already has a worker (a launch or resume that is still going); "
+            "wait for it to finish or cancel it first."
+        )
+    try:
+        return _spawn(argv, run, module, cwd, fd)
+    finally:
+        os.close(fd)  # the worker keeps its own copy of the lock
+
+
+def _spawn(
+    argv: list[str], run: Run, module: str | None, cwd: str | Path | None, lock_fd: int
+) -> int:
     args = [str(a) for a in argv]
     cmd = [sys.executable, *(["-m", module] if module else []), *args]
     env = dict(os.environ)
@@ -708,6 +938,8 @@ def launch_worker(
         )
     else:
         options["start_new_session"] = True
+        options["pass_fds"] = (lock_fd,)
+        env[WORKER_LOCK_ENV] = f"{lock_fd}:{run.path.resolve()}"
     with open(run.log_path, "ab") as log:
         log.write(f"[{_now()}] $ {shlex.join(cmd)}\n".encode())
         log.flush()
@@ -727,8 +959,196 @@ def launch_worker(
             run.fail(message)
             raise RobustKDError(f"Run {run.id!r} {message}.") from exc
     _CHILDREN[proc.pid] = proc
-    run.update_status(pid=proc.pid, argv=args)
+    run.update_status(pid=proc.pid, pid_start=process_start_time(proc.pid), argv=args)
     return proc.pid
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+def max_runs() -> int:
+    """How many workers the app runs at once per runs folder: ``$ROBUSTKD_MAX_RUNS``, else 2."""
+    raw = os.environ.get(MAX_RUNS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_RUNS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(
+            f"${MAX_RUNS_ENV} must be a whole number of runs, 1 or more (got {raw!r}); fix it "
+            f"or unset it for the default of {DEFAULT_MAX_RUNS}."
+        )
+    return value
+
+
+@contextlib.contextmanager
+def _queue_lock(root: Path) -> Iterator[None]:
+    # one scheduling decision at a time per runs folder (two sessions launching together)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fh = open(root / _QUEUE_LOCK_FILE, "a")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise RobustKDError(
+            f"Cannot write in the runs folder ({exc.strerror or exc}); make it writable or "
+            f"choose another one (${RUNS_ENV})."
+        ) from exc
+    with fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _waiting(status: Mapping[str, Any]) -> bool:
+    """Queued, with a worker command to start and no worker yet."""
+    return (
+        status.get("state") == "queued"
+        and status.get("pid") is None
+        and isinstance(status.get("worker"), list)
+    )
+
+
+def queue_worker(run: Run, argv: list[str], module: str | None = "robustkd") -> dict[str, Any]:
+    """Put ``run`` in the queue: its worker ``python -m <module> *argv`` starts when a slot is
+    free (``start_queued``). For a new run, or a failed or cancelled one to resume."""
+    if run.worker_busy():
+        raise RobustKDError(
+            f"Run {run.id!r} already has a worker (a launch or resume that is still going); "
+            "wait for it to finish or cancel it first."
+        )
+    refresh_state(run)
+
+    def change(status: dict[str, Any]) -> dict[str, Any]:
+        state = status.get("state")
+        fresh = state == "queued" and status.get("pid") is None and not status.get("worker")
+        if not fresh and state not in ("failed", "cancelled"):
+            raise ConfigError(
+                f"Run {run.id!r} is {state}; only a new, failed or cancelled run can be "
+                "queued — wait for it or cancel it first."
+            )
+        return {
+            "state": "queued",
+            "pid": None,
+            "pid_start": None,
+            "worker": [str(a) for a in argv],
+            "worker_module": module,
+            "queued": _now(),
+            "message": QUEUED_MESSAGE,
+            "eta_seconds": None,
+        }
+
+    return run._modify_status(change)
+
+
+def _statuses(root: Path) -> list[tuple[Run, dict[str, Any]]]:
+    out = []
+    for run in list_runs(root):
+        with contextlib.suppress(RobustKDError, OSError):
+            out.append((run, refresh_state(run)))
+    return out
+
+
+def _in_queue(statuses: list[tuple[Run, dict[str, Any]]]) -> list[tuple[Run, dict[str, Any]]]:
+    waiting = [(r, s) for r, s in statuses if _waiting(s)]
+    waiting.sort(key=lambda rs: (str(rs[1].get("queued") or rs[1].get("created") or ""), rs[0].id))
+    return waiting
+
+
+def queue_positions(root: str | Path | None = None) -> dict[str, int]:
+    """Run id → place in the queue (1 = starts next) for every run waiting for a slot."""
+    root = default_runs_root() if root is None else Path(root)
+    return {run.id: i for i, (run, _) in enumerate(_in_queue(_statuses(root)), start=1)}
+
+
+def queue_position(run: Run) -> int | None:
+    """The run's place in the queue (1 = starts next), or None when it is not waiting."""
+    return queue_positions(run.root).get(run.id)
+
+
+def start_queued(root: str | Path | None = None) -> list[Run]:
+    """Start the oldest waiting runs while fewer than ``max_runs()`` workers live; return them.
+
+    Called by a worker as it ends, and by the app as it polls (after a crash no worker ends
+    properly); safe to call from several processes at once.
+    """
+    root = default_runs_root() if root is None else Path(root)
+    if not root.is_dir():
+        return []
+    limit = max_runs()
+    started: list[Run] = []
+    with _queue_lock(root):
+        statuses = _statuses(root)
+        busy = sum(
+            1 for _, s in statuses if s.get("state") in ACTIVE_STATES and s.get("pid") is not None
+        )
+        for run, _ in _in_queue(statuses):
+            if busy >= limit:
+                break
+            fd = run._try_worker_lock()
+            if fd is None:  # being launched or cancelled by someone else right now
+                continue
+            try:
+                status = run.status()  # again, now that nobody else can launch it
+                if not _waiting(status):
+                    continue
+                module = status.get("worker_module")
+                launch_worker(
+                    status["worker"],
+                    run,
+                    module if isinstance(module, str) else None,
+                    lock_fd=fd,
+                )
+            except RobustKDError:
+                continue  # could not start: the run says why (failed)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(RobustKDError, OSError):
+                run.update_status(message="")  # no longer waiting: starting
+            busy += 1
+            started.append(run)
+    return started
+
+
+# --------------------------------------------------------------------------- the teacher
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_teacher(run: Run, teacher: str | Path) -> bool:
+    """Refuse (one sentence) a teacher file other than the one ``run`` started with.
+
+    Returns False when the run recorded no hash (made by an older version): nothing to check.
+    """
+    recorded = run.config.get("teacher_sha256")
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    path = Path(teacher)
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise RobustKDError(
+            f"The teacher file {path.name} that run {run.id!r} started with is missing or "
+            "unreadable; restore it, or start a new run."
+        ) from exc
+    if actual != recorded:
+        raise ConfigError(
+            f"The teacher file {path.name} has changed since run {run.id!r} started (its "
+            "SHA-256 differs from the one recorded); continuing would mix two teachers in one "
+            "report — restore the original file, or start a new run."
+        )
+    return True
 
 
 def progress_fraction(status: Mapping[str, Any]) -> float:

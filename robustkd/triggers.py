@@ -29,6 +29,8 @@ from robustkd.errors import ConfigError, DataError
 from robustkd.registry import Registry
 
 _CACHE_LIMIT = 32  # patterns kept per trigger; a handful of (size, device, dtype) keys in practice
+# A pattern is resized to the image size: 2048² is ample, and bounds the float copies made of it
+MAX_PATTERN_PIXELS = 2048 * 2048
 
 
 # --------------------------------------------------------------------------- validation
@@ -135,6 +137,11 @@ class Trigger(abc.ABC):
         """``{"name": ..., **params}``; ``trigger_from_dict`` rebuilds an identical trigger."""
         return {"name": self.name, **self.params()}
 
+    def embedded(self) -> Trigger:
+        """The same trigger carrying any image it reads as PNG pixels instead of a file path,
+        so a checkpoint that records it needs no file beside it (itself when it has none)."""
+        return self
+
     def region_mask(self, height: int, width: int) -> torch.Tensor:
         """Bool ``(H, W)`` mask of the pixels the trigger changes (all for whole-image ones)."""
         _check_size(height, width)
@@ -174,16 +181,34 @@ def create_trigger(name: str, **params: Any) -> Trigger:
     return cls(**params)
 
 
-def trigger_from_dict(d: Mapping[str, Any]) -> Trigger:
-    """Rebuild a trigger from ``Trigger.to_dict()`` output (also after a JSON round trip)."""
-    if not isinstance(d, Mapping) or "name" not in d:
+def trigger_from_dict(d: Mapping[str, Any], *, allow_paths: bool = False) -> Trigger:
+    """Rebuild a trigger from ``Trigger.to_dict()`` output (also after a JSON round trip).
+
+    A description read from a file (checkpoint metadata, a run, the app's state) must not open
+    files on this machine, so ``*_path`` parameters are refused unless ``allow_paths`` is set
+    for a description the user typed themselves.
+    """
+    if not isinstance(d, Mapping) or not isinstance(d.get("name"), str):
         raise ConfigError(
-            f"A trigger description must be a mapping with a 'name' key, as written by "
-            f"Trigger.to_dict(); got {d!r}."
+            "A trigger description must be a mapping with a 'name' string, as written by "
+            f"Trigger.to_dict(); got {_short(d)}."
         )
     params = dict(d)
     name = params.pop("name")
+    paths = sorted(k for k, v in params.items() if str(k).endswith("_path") and v is not None)
+    if paths and not allow_paths:
+        # refused before any file is touched: the answer must not tell whether a path exists
+        raise ConfigError(
+            f"The recorded {name} trigger names a file ({', '.join(paths)}), and a trigger read "
+            "from a checkpoint or saved state never opens files; re-import the teacher so the "
+            "pattern travels inside it (robustkd import … --trigger-param pattern_path=FILE)."
+        )
     return create_trigger(name, **params)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------- image helpers
@@ -191,22 +216,20 @@ def trigger_from_dict(d: Mapping[str, Any]) -> Trigger:
 
 def _load_rgba(source: str | Path | bytes, what: str) -> tuple[torch.Tensor, bool]:
     """Read an image file (or PNG bytes) as uint8 RGBA ``(4, h, w)`` and whether it has alpha."""
-    from PIL import Image
+    from robustkd.images import read_rgba
 
-    label = "embedded image" if isinstance(source, bytes) else str(source)
-    if not isinstance(source, bytes) and not Path(source).is_file():
-        raise DataError(f"The {what} image {label} does not exist; give the path of a PNG file.")
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            im.load()
-            has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        # PIL reports corrupt files as OSError (UnidentifiedImageError) or SyntaxError
-        raise DataError(
-            f"Cannot read the {what} image {label} ({exc}); give a readable PNG or JPEG file."
-        ) from exc
-    return torch.from_numpy(rgba.copy()).permute(2, 0, 1).contiguous(), has_alpha
+    if isinstance(source, bytes):
+        data, label = source, f"embedded {what} image"
+    else:
+        label = f"{what} image {source}"
+        if not Path(source).is_file():
+            raise DataError(f"The {label} does not exist; give the path of a PNG file.")
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise DataError(f"Cannot read the {label} ({exc.strerror}); check the file.") from exc
+    rgba, has_alpha = read_rgba(data, label, MAX_PATTERN_PIXELS)
+    return torch.from_numpy(rgba).permute(2, 0, 1).contiguous(), has_alpha
 
 
 def _luminance(rgba: torch.Tensor) -> torch.Tensor:
@@ -274,8 +297,10 @@ def _png_base64(pixels: np.ndarray, mode: str) -> str:
 
 
 def _decode_base64(data: object, what: str) -> bytes:
+    if not isinstance(data, str):
+        raise DataError(f"The embedded {what} must be base64 PNG text; got {type(data).__name__}.")
     try:
-        return base64.b64decode(str(data), validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise DataError(f"The embedded {what} is not valid base64 PNG data; re-create it.") from exc
 
@@ -408,24 +433,43 @@ class BlendTrigger(Trigger):
     """Blend a pattern over the whole image, ``(1 − alpha)·x + alpha·pattern`` (Chen et al. 2017).
 
     The pattern is uniform noise drawn from ``seed`` at each image shape, or the image file at
-    ``pattern_path`` resized to the image size (then ``seed`` is unused).
+    ``pattern_path`` (or the base64 PNG ``pattern_png``, as ``embedded`` writes it) resized to
+    the image size (then ``seed`` is unused).
     """
 
     name = "blend"
 
     def __init__(
-        self, alpha: float = 0.15, seed: int = 0, pattern_path: str | Path | None = None
+        self,
+        alpha: float = 0.15,
+        seed: int = 0,
+        pattern_path: str | Path | None = None,
+        pattern_png: str | None = None,
     ) -> None:
         super().__init__()
         self.alpha = _float_param("blend", "alpha", alpha, 0.0, 1.0, low_open=True)
         self.seed = _int_param("blend", "seed", seed, 0)
+        if pattern_path is not None and pattern_png is not None:
+            raise ConfigError("Give the blend trigger's pattern as pattern_path or pattern_png.")
         self.pattern_path = None if pattern_path is None else str(pattern_path)
-        self._image = (
-            None if pattern_path is None else _load_rgba(Path(pattern_path), "blend pattern")[0]
-        )
+        self.pattern_png = pattern_png
+        self._image: torch.Tensor | None = None
+        if pattern_png is not None:
+            data = _decode_base64(pattern_png, "blend pattern")
+            self._image = _load_rgba(data, "blend pattern")[0]
+        elif pattern_path is not None:
+            self._image = _load_rgba(Path(pattern_path), "blend pattern")[0]
 
     def params(self) -> dict[str, Any]:
+        if self.pattern_png is not None:
+            return {"alpha": self.alpha, "seed": self.seed, "pattern_png": self.pattern_png}
         return {"alpha": self.alpha, "seed": self.seed, "pattern_path": self.pattern_path}
+
+    def embedded(self) -> BlendTrigger:
+        if self._image is None or self.pattern_png is not None:
+            return self
+        pixels = np.ascontiguousarray(self._image.permute(1, 2, 0).numpy())
+        return BlendTrigger(self.alpha, self.seed, pattern_png=_png_base64(pixels, "RGBA"))
 
     def pattern(
         self,

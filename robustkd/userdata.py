@@ -32,7 +32,7 @@ from PIL import Image, ImageOps
 
 from robustkd.data import IMAGE_SUFFIXES, ImageDataset
 from robustkd.errors import ConfigError, DataError
-from robustkd.images import FORMAT_NAMES, FORMATS, MAX_PIXELS, _to_rgb_or_l
+from robustkd.images import FORMAT_NAMES, FORMATS, MAX_PIXELS, to_rgb_or_l
 
 DATA_KINDS = ("imagefolder", "unlabelled", "npz")
 # decoded pixels held in memory at once; a set larger than this needs a streaming pipeline
@@ -156,7 +156,7 @@ def _decode(path: Path, rel: str) -> np.ndarray:
             image: Image.Image = opened
             if image.getexif().get(0x0112, 1) in range(2, 9):  # EXIF says "rotate me"
                 image = ImageOps.exif_transpose(image)
-            return np.array(_to_rgb_or_l(image, []), dtype=np.uint8)
+            return np.array(to_rgb_or_l(image, []), dtype=np.uint8)
     except DataError:
         raise
     except Exception as exc:  # any decoder failure on user bytes means "not an image we read"

@@ -207,7 +207,9 @@ def test_launch_passes_the_uploaded_data_and_teacher_options(
     from robustkd import runs as runs_module
 
     started: list[list[str]] = []
-    monkeypatch.setattr(runs_module, "launch_worker", lambda argv, run: started.append(argv))
+    monkeypatch.setattr(
+        runs_module, "launch_worker", lambda argv, run, *a, **k: started.append(argv)
+    )
     use_teacher(app, "bare.pt", state_dict_bytes("small-cnn"), arch="small-cnn")
     upload_data(app, "distill", "pool.npz", npz_bytes(small_train.subset(range(200)), False))
     upload_data(app, "trusted", "clean.npz", npz_bytes(small_train.subset(range(200, 300))))

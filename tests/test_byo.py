@@ -99,6 +99,8 @@ def foreign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_import_evaluate_and_defend_with_the_cli_alone(foreign, tmp_path: Path, capsys) -> None:
+    """The central claim at tiny scale: plain KD's student inherits the backdoor from the
+    secretly triggered images, RobustKD's does not — by a wide margin, through the CLI."""
     root = foreign["root"]
     out = tmp_path / "teacher.safetensors"
     code, stdout, err = _cli(

@@ -411,7 +411,7 @@ def test_preview_fallback_agrees_with_fast_path(
     assert len(only_target) > 0
     ev = evaluate(teacher, only_target, trigger, TARGET)
     got = DetoxPreview(teacher, fit_fast, "block1", only_target, trigger, TARGET)(1e5)
-    assert (got.asr, got.n_triggered) == (ev.asr, ev.n_triggered) == (0.0, 0)
+    assert (got.asr, got.n_triggered) == (ev.asr, ev.n_triggered) == (None, 0)  # undefined, never 0
     assert got.acc == pytest.approx(ev.acc, abs=1e-6)
     assert _no_hooks(teacher)
 
@@ -446,9 +446,10 @@ def test_auto_threshold(teacher: nn.Module, fit: ThresholdFit, clean_suspect: Im
                 ok.append(t)
     assert ok and min(ok) > 0.01
     assert auto_threshold(teacher, fit, validation, drop, candidates) == pytest.approx(min(ok))
-    # nothing acceptable falls back to the largest
+    # nothing acceptable is said, never replaced by the largest candidate
     assert auto_threshold(teacher, fit, validation, 0.01, [1e5, 3e5]) == 1e5
-    assert auto_threshold(teacher, fit, validation, -1.0, [2.0, 7.0]) == 7.0
+    with pytest.raises(ConfigError, match="No candidate threshold"):
+        auto_threshold(teacher, fit, validation, -1.0, [2.0, 7.0])
     with pytest.raises(ConfigError):
         auto_threshold(teacher, fit, validation.subset([]))
 

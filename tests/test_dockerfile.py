@@ -49,3 +49,19 @@ def test_keeps_the_base_images_torch() -> None:
 def test_readme_documents_build_and_run() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "docker build" in readme and "docker run --gpus all" in readme
+
+
+def test_says_how_to_put_the_app_behind_authentication() -> None:
+    # the app has no login: the image and the README say to keep the port on the loopback
+    # address and put an authenticating reverse proxy (passing WebSockets) in front
+    comments = "\n".join(line for line in TEXT.splitlines() if line.startswith("#"))
+    assert "Authentication" in comments and "reverse proxy" in comments
+    assert "-p 127.0.0.1:8501:8501" in comments
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**Authentication.**") :]
+    assert "127.0.0.1:8501" in section and "auth_basic" in section
+    assert "proxy_set_header Upgrade" in section  # Streamlit needs its WebSocket through
+
+
+def test_run_limit_and_upload_age_are_set_where_operators_look() -> None:
+    assert "ROBUSTKD_MAX_RUNS=2" in TEXT and "ROBUSTKD_UPLOAD_DAYS=7" in TEXT

@@ -207,15 +207,20 @@ def finished_compare(env: Path, tiny_teacher: Path) -> Run:
         "untrusted", meta, rate=0.2, distill_size=300, trusted_size=100, test_size=200
     )
     config = DistillConfig(epochs=1, batch_size=64, device="cpu", eval_size=100)
-    run = Run.create(env, "compare", {"methods": ["scratch", "feature-kd"]})
+    # as the CLI writes it: the report names the teacher, the config says where it is
+    run = Run.create(
+        env, "compare", {"methods": ["scratch", "feature-kd"], "teacher": str(tiny_teacher)}
+    )
     run.start(epochs=2)
     run.finish(compare(model, meta, scenario, ["scratch", "feature-kd"], config, run))
     return run
 
 
-def test_compare_page_shows_a_finished_run(finished_compare: Run, tmp_path: Path) -> None:
+def test_compare_page_shows_a_finished_run(
+    finished_compare: Run, tmp_path: Path, tiny_teacher: Path
+) -> None:
     report = finished_compare.report()
-    rows = report_rows(report, lambda path: 0.002)
+    rows = report_rows(report, lambda path: 0.002, finished_compare.path, tiny_teacher)
     assert [r["model"] for r in rows] == ["teacher", "scratch", "feature-kd"]
     assert all(r["checkpoint (MB)"] > 0 and r["latency (ms / image)"] == 2.0 for r in rows)
 

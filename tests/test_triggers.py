@@ -106,7 +106,7 @@ def test_dict_round_trip_through_json_is_exact(name: str, pattern_png: Path) -> 
     assert d["name"] == trigger.name
     d2 = json.loads(json.dumps(d))
     assert d2 == d
-    rebuilt = trigger_from_dict(d2)
+    rebuilt = trigger_from_dict(d2, allow_paths=True)  # a path the user gave, not a file's
     assert type(rebuilt) is type(trigger) and rebuilt.to_dict() == d
     for shape in SHAPES:
         x = _images(shape, seed=1)
@@ -309,7 +309,7 @@ def test_corrupt_or_missing_image_file_is_a_data_error(tmp_path: Path) -> None:
     for make in (
         lambda p: CustomTrigger(pattern_path=p),
         lambda p: BlendTrigger(pattern_path=p),
-        lambda p: trigger_from_dict({"name": "custom", "pattern_path": str(p)}),
+        lambda p: trigger_from_dict({"name": "custom", "pattern_path": str(p)}, allow_paths=True),
     ):
         with pytest.raises(DataError, match=r"broken\.png"):
             make(bad)

@@ -6,7 +6,6 @@ Models are plain ``nn.Module``s with no training logic. Each one names its stage
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +20,19 @@ MODELS: Registry[ModelFactory] = Registry("model")
 register_model = MODELS.register
 
 
+# family module → why it could not be imported (its models are then not listed)
+UNAVAILABLE: dict[str, str] = {}
+
+
 def model_names() -> list[str]:
     _load_families()
     return MODELS.names()
+
+
+def unavailable_families() -> dict[str, str]:
+    """Model families that failed to import, with the reason (e.g. a missing package)."""
+    _load_families()
+    return dict(UNAVAILABLE)
 
 
 def create_model(
@@ -64,5 +73,7 @@ def _load_families() -> None:
 
     # One import per family, so that one failing (e.g. no torchvision) leaves the others.
     for family in ("mobilenetv2", "preact_resnet", "resnet", "tv", "vgg", "wrn"):
-        with contextlib.suppress(ImportError):
+        try:
             importlib.import_module(f"robustkd.models.{family}")
+        except ImportError as exc:
+            UNAVAILABLE[family] = str(exc) or type(exc).__name__

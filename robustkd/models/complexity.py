@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from robustkd.sharing import view
+
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared ones once); only those with ``requires_grad`` if asked."""
@@ -22,23 +24,16 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def count_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """FLOPs of one eval-mode forward pass of a single ``(C, H, W)`` image.
 
-    Runs on the model's device and dtype under ``torch.no_grad``; the train/eval mode of every
-    submodule is restored afterwards.
+    Runs an eval-mode view of the model (``sharing.view``: the model's own modes are never
+    switched) on its device and dtype under ``torch.no_grad``.
     """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    # Per-module modes, not one model.train(flag): a model may hold frozen parts in eval mode.
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
-        return int(counter.get_total_flops())
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        view(model)(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+    return int(counter.get_total_flops())
 
 
 def model_summary(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, Any]:
