@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import streamlit as st
 import torch
 
+from robustkd.atomic import atomic_write_bytes
 from robustkd.checkpoints import read_metadata
 from robustkd.cli import DEFAULT_TEACHER
 from robustkd.data import ImageDataset, dataset_names, load_dataset
@@ -243,15 +243,7 @@ def _keep(folder: Path, name: str, data: bytes) -> Path:
     path = folder / name
     if path.is_file() and path.stat().st_size == len(data):
         return path  # the same content under the same name: already kept
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def _content_folder(data: bytes, *parts: str) -> Path:

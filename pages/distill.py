@@ -17,8 +17,8 @@ from app.state import (
 )
 from robustkd import distributed
 from robustkd.compare import launch_compare, report_markdown
+from robustkd.defenses import METHODS, method_names
 from robustkd.device import resolve_device
-from robustkd.distill import METHODS
 from robustkd.engine import COMPILE_MODES
 from robustkd.errors import ConfigError, RobustKDError, redact_paths
 from robustkd.figures import run_curves
@@ -125,7 +125,12 @@ with st.form("launch"):
         students,
         index=students.index(default_student) if default_student in students else 0,
     )
-    methods = st.multiselect("Methods", METHODS.names(), default=["feature-kd", "robustkd"])
+    methods = st.multiselect(
+        "Methods",
+        method_names(),
+        default=["feature-kd", "robustkd"],
+        help="  \n".join(f"**{m}**: {METHODS.get(m).description}" for m in method_names()),
+    )
     c1, c2, c3, c4 = st.columns(4)
     epochs = c1.number_input("Epochs", 1, 200, 6)
     rate = c2.number_input(

@@ -8,17 +8,16 @@ one self-describing file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
+from robustkd.atomic import atomic_write_bytes
 from robustkd.errors import CheckpointError, RobustKDError
 from robustkd.metadata import MAX_METADATA_CHARS, parse_metadata
 from robustkd.models import create_model
@@ -42,15 +41,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, metadata: Mapping[str, A
         )
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: text})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: text}))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -705,7 +705,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from robustkd.data import dataset_names
-    from robustkd.distill import METHODS
+    from robustkd.defenses import METHODS, method_names
     from robustkd.models import model_names
     from robustkd.models.interop import LAYOUTS
     from robustkd.presets import preset_names
@@ -716,7 +716,7 @@ def _list(args: argparse.Namespace) -> int:
         "triggers": trigger_names,
         "datasets": dataset_names,
         "presets": preset_names,
-        "methods": METHODS.names,
+        "methods": lambda: [f"{m:<16} {METHODS.get(m).description}" for m in method_names()],
         "layouts": lambda: list(LAYOUTS),
     }[args.what]()
     print("\n".join(names))
@@ -731,7 +731,8 @@ def _list(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     from robustkd.compare import compare
-    from robustkd.distill import METHODS, DistillConfig
+    from robustkd.defenses import METHODS, method_names
+    from robustkd.distill import DistillConfig
     from robustkd.importer import load_model
     from robustkd.presets import distill_plan
     from robustkd.runs import Run, RunCancelled, RunProgress, check_teacher, file_sha256
@@ -763,9 +764,8 @@ def _distill(args: argparse.Namespace) -> int:
     if args.verb == "distill":
         methods = [args.method]
     else:
-        methods = [m.strip() for m in (args.methods or ",".join(_METHOD_ORDER)).split(",")]
-    for m in methods:
-        METHODS.get(m)
+        methods = args.methods.split(",") if args.methods else method_names()
+    methods = [METHODS.get(m.strip()).name for m in methods]  # unknown names refused here
     sources = DataSources(
         distill=_user_data(args.distill_data, "distillation set"),
         trusted=_user_data(args.trusted_data, "trusted set"),
@@ -893,18 +893,6 @@ def _user_data(path: str | None, what: str) -> Any:
     if path is None:
         return None
     return load_user_data(path, allow_unlabelled=what == "distillation set")
-
-
-_METHOD_ORDER = [
-    "scratch",
-    "logit-kd",
-    "feature-kd",
-    "robustkd",
-    "robustkd-paper",
-    "nad",
-    "fine-tuning",
-    "fine-pruning",
-]
 
 
 def _resume(args: argparse.Namespace) -> int:

@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 from robustkd import __version__, distributed
+from robustkd.atomic import atomic_write, atomic_write_text
 from robustkd.checkpoints import save_checkpoint
-from robustkd.distill import METHODS, DistillConfig, run_method
+from robustkd.defenses import METHODS
+from robustkd.distill import DistillConfig, run_method
 from robustkd.engine import ProgressFn
 from robustkd.errors import redact_paths
 from robustkd.metrics import der, evaluate
 from robustkd.models.complexity import count_flops, count_parameters
-from robustkd.runs import Run, atomic_write_json, atomic_write_text
+from robustkd.runs import Run, atomic_write_json
 from robustkd.scenarios import Scenario
 
 REFERENCE = "feature-kd"  # DER is measured against plain KD when it is in the comparison
@@ -79,8 +81,7 @@ def compare(
     ``resume`` the methods already in the run's report are kept and the interrupted one
     continues from its last saved epoch.
     """
-    for m in methods:
-        METHODS.get(m)
+    methods = [METHODS.get(m).name for m in methods]  # unknown names refused up front
     config.validate()
     report: dict[str, Any] = {
         "teacher": teacher_row(teacher, scenario),
@@ -121,7 +122,7 @@ def compare(
         _add_der(report)
         if not distributed.is_main():  # under torchrun: rank 0 writes the files
             continue
-        is_student = method not in ("fine-tuning", "fine-pruning")
+        is_student = METHODS.get(method).produces == "student"
         shape_args = {
             k: teacher_meta["model_args"][k]
             for k in ("num_classes", "in_channels", "image_size")
@@ -131,7 +132,7 @@ def compare(
             ckpt,
             result.model,
             {
-                # fine-tuning and fine-pruning repair the teacher: the result is a teacher
+                # a repair (fine-tuning, fine-pruning) produces a teacher, not a student
                 "kind": "student" if is_student else "teacher",
                 "architecture": config.student or teacher_meta.get("student_architecture")
                 if is_student
@@ -213,10 +214,7 @@ def write_screen(
         "scores": scores[top].numpy(),
         "withheld": withheld[top].numpy(),
     }
-    tmp = folder / f".{method}-screen-top.npz.tmp"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp.replace(folder / f"{method}-screen-top.npz")
+    atomic_write(folder / f"{method}-screen-top.npz", lambda fh: np.savez(fh, **arrays))
     return path
 
 
@@ -317,8 +315,7 @@ def launch_compare(
     from robustkd.errors import DataError
     from robustkd.runs import file_sha256, max_runs, queue_worker, start_queued
 
-    for m in methods:
-        METHODS.get(m)
+    methods = [METHODS.get(m).name for m in methods]
     max_runs()  # a bad $ROBUSTKD_MAX_RUNS is refused before a run folder is made
     argv = ["compare", "--methods", ",".join(methods), "--quiet"]
     for key, value in options.items():

@@ -1,19 +1,8 @@
-"""Robust distillation and the baselines it is compared with, on one engine and one data set.
+"""The distillation engine every method shares: its settings, the student's training against
+a (possibly detoxified) teacher, fine-tuning and fine-pruning, and the final measurement.
 
-Methods (registry ``METHODS``; the CLI, the app and the reports use these names):
-
-- ``scratch``: the student trained with cross-entropy only (the ASR floor).
-- ``logit-kd``: Hinton's KD from the teacher's logits, plus cross-entropy.
-- ``feature-kd``: plain KD — overhaul feature distillation + logit KD + cross-entropy, no
-  defence. The reference every defence is measured against.
-- ``robustkd``: our default recipe — the same losses from the *detoxified* teacher: units whose
-  variance on the distillation data exceeds the clean-halves threshold are replaced by their
-  trusted clean mean at every stage, and samples deviating on those units get cross-entropy only.
-- ``robustkd-paper``: the paper's recipe — learned detox mask (τ = 0.05) + feature distillation
-  + cross-entropy, with 10 % salt-and-pepper noise on the student's input.
-- ``nad``: attention distillation from the teacher fine-tuned on the trusted clean set.
-- ``fine-tuning`` / ``fine-pruning``: defences of the teacher itself, on the trusted set (the
-  result is a repaired teacher, not a compressed student).
+The methods themselves (defences and baselines) are classes in ``robustkd.defenses``, one
+module per family, in the registry ``METHODS``; ``run_method`` runs one of them by name.
 """
 
 from __future__ import annotations
@@ -21,17 +10,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robustkd.data import ImageDataset, normalize
-from robustkd.detox import Detoxifier, fit_learned, fit_screen, fit_threshold
+from robustkd.detox import Detoxifier
 from robustkd.engine import (
     ProgressFn,
     TrainConfig,
@@ -52,21 +40,12 @@ from robustkd.losses import (
 from robustkd.metrics import evaluate
 from robustkd.models import create_model
 from robustkd.models.complexity import count_flops, count_parameters
-from robustkd.registry import Registry
 from robustkd.scenarios import Scenario
 
-METHODS: Registry[str] = Registry("method")
-for _name, _about in [
-    ("scratch", "student, cross-entropy only"),
-    ("logit-kd", "student, Hinton KD + CE"),
-    ("feature-kd", "student, plain KD: feature + logit KD + CE, no defence"),
-    ("robustkd", "student, KD from the threshold-detoxified teacher + sample screening"),
-    ("robustkd-paper", "student, learned detox mask + feature KD + salt-and-pepper noise"),
-    ("nad", "student, attention distillation from the fine-tuned teacher"),
-    ("fine-tuning", "teacher fine-tuned on the trusted set"),
-    ("fine-pruning", "teacher pruned (last stage) and fine-tuned on the trusted set"),
-]:
-    METHODS.register(_name)(_about)
+if TYPE_CHECKING:
+    from robustkd.defenses.base import Method
+    from robustkd.registry import Registry
+
 SCREEN_POLICIES = ("ce-only", "drop")
 
 
@@ -157,6 +136,8 @@ class DistillConfig:
 
 @dataclasses.dataclass
 class MethodResult:
+    """A method's trained model, its final metrics and training history, and what it found."""
+
     method: str
     model: nn.Module
     metrics: dict[str, Any]
@@ -170,9 +151,10 @@ class MethodResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _student_for(
+def student_for(
     teacher: nn.Module, scenario: Scenario, config: DistillConfig, teacher_meta: dict[str, Any]
 ) -> nn.Module:
+    """A freshly initialised student (seeded) for the scenario's input shape and classes."""
     name = config.student or teacher_meta.get("student_architecture")
     if not name:
         raise ConfigError("Name a student architecture (--student); the teacher records none.")
@@ -225,13 +207,26 @@ def _evaluator(scenario: Scenario, size: int) -> Callable[[nn.Module], dict[str,
     return run
 
 
-def _final_metrics(
+def teacher_predictions(
+    teacher: nn.Module, scenario: Scenario, shared: dict[str, Any]
+) -> torch.Tensor:
+    """The teacher's test-set predictions, computed once per comparison (cached in ``shared``)."""
+    if "teacher_preds" not in shared:
+        from robustkd.metrics import predict
+
+        test = scenario.test
+        shared["teacher_preds"] = predict(teacher.eval(), test.images, test.mean, test.std, None)
+    return shared["teacher_preds"]
+
+
+def final_metrics(
     model: nn.Module,
     scenario: Scenario,
     method: str,
     config: DistillConfig,
     teacher_preds: torch.Tensor | None = None,
 ) -> dict[str, Any]:
+    """ACC, ASR, agreement with the teacher, size and the data behind them, on the test set."""
     from robustkd.metrics import predict
 
     model = model.cpu().eval()
@@ -484,103 +479,32 @@ def run_method(
     shared: dict[str, Any] | None = None,
     state_dir: Path | None = None,
 ) -> MethodResult:
-    """Run one method on ``scenario`` and measure the result on its test set.
+    """Run the registered method ``method`` on ``scenario`` and measure it on its test set.
 
     ``shared`` caches what several methods reuse (the threshold fit) within one comparison;
     with ``state_dir`` every training phase saves its state after each epoch there and
     continues from it when called again (resuming a killed run).
     """
+    from robustkd.defenses import METHODS
 
-    def state(phase: str) -> Path | None:
-        return state_dir / f"{method}{phase}.state.pt" if state_dir is not None else None
-
-    METHODS.get(method)
-    config.validate()
-    shared = {} if shared is None else shared
-    if "teacher_preds" not in shared:
-        from robustkd.metrics import predict
-
-        test = scenario.test
-        shared["teacher_preds"] = predict(teacher.eval(), test.images, test.mean, test.std, None)
-    screen_scores = withheld = None
-    teacher = teacher.eval()
-    started = time.perf_counter()
-    extra: dict[str, Any] = {}
-    detox = None
-    if method in ("fine-tuning", "fine-pruning"):
-        if method == "fine-tuning":
-            model = copy.deepcopy(teacher)
-            history = fine_tune(model, scenario.trusted, config, scenario, progress, state(""))
-        else:
-            model, history, pruned = fine_prune(teacher, scenario, config, progress, state(""))
-            extra["pruned_channels"] = pruned
-    else:
-        student = _student_for(teacher, scenario, config, teacher_meta)
-        model = student
-        kw: dict[str, Any] = {}
-        if method == "logit-kd":
-            kw = {"logit_weight": config.logit_weight}
-        elif method == "feature-kd":
-            kw = {"logit_weight": config.logit_weight, "feature_weight": config.feature_weight}
-        elif method == "robustkd":
-            if "fit" not in shared:
-                shared["fit"] = fit_threshold(
-                    teacher,
-                    scenario.trusted,
-                    scenario.distill,
-                    config.layers,
-                    config.granularity,
-                    config.seed,
-                )
-            fit = shared["fit"]
-            detox = fit.detoxifier(config.threshold, config.blend)
-            if config.screen:
-                screen = fit_screen(teacher, fit, config.threshold, config.screen_quantile)
-                screen_scores = screen.scores(teacher, scenario.distill)
-                withheld = screen_scores > screen.threshold
-                extra.update(_screen_report(withheld, scenario.poisoned_mask, screen.threshold))
-            extra["flagged_units"] = fit.flagged_units(config.threshold)
-            extra["thresholds"] = fit.thresholds(config.threshold)
-            kw = {
-                "logit_weight": config.logit_weight,
-                "feature_weight": config.feature_weight,
-                "detoxifier": detox,
-                "withheld": withheld,
-                "noise_rate": config.noise_rate if config.noise_rate is not None else 0.0,
-            }
-        elif method == "robustkd-paper":
-            detox = fit_learned(
-                teacher,
-                scenario.trusted,
-                config.layers,
-                config.tau,
-                epochs=config.learned_epochs,
-                seed=config.seed,
-            )
-            kw = {
-                "feature_weight": config.feature_weight,
-                "detoxifier": detox,
-                "noise_rate": config.noise_rate if config.noise_rate is not None else 0.1,
-            }
-        elif method == "nad":
-            if "nad_teacher" not in shared:
-                tuned = copy.deepcopy(teacher)
-                fine_tune(tuned, scenario.trusted, config, scenario, state_path=state("-teacher"))
-                shared["nad_teacher"] = tuned.eval()
-            teacher = shared["nad_teacher"]
-            kw = {"nad_weight": config.nad_weight}
-        history = distill_student(
-            teacher, student, scenario, config, progress=progress, state_path=state(""), **kw
-        )
-    metrics = _final_metrics(model, scenario, method, config, shared["teacher_preds"])
-    metrics.update(extra)
-    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
-    return MethodResult(method, model, metrics, history, detox, screen_scores, withheld)
+    return METHODS.get(method)().run(
+        teacher, teacher_meta, scenario, config, progress, shared, state_dir
+    )
 
 
-def _screen_report(
+def __getattr__(name: str) -> Registry[type[Method]]:
+    # ``METHODS`` lives with the methods, which import this module: looked up on first use
+    if name == "METHODS":
+        from robustkd.defenses import METHODS
+
+        return METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def screen_report(
     flags: torch.Tensor, truth: torch.Tensor | None, threshold: float
 ) -> dict[str, Any]:
+    """How many samples the screen withheld and, in a simulation, its recall and precision."""
     flags = flags.cpu().bool()
     out: dict[str, Any] = {
         "flagged_samples": int(flags.sum()),

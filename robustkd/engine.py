@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkd import distributed
+from robustkd.atomic import atomic_write
 from robustkd.data import ImageDataset, normalize, to_float
 from robustkd.device import resolve_device
 from robustkd.errors import CheckpointError, ConfigError, RobustKDError
@@ -525,14 +525,7 @@ def _save_state(
         "history": history,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda fh: torch.save(state, fh))  # a reader never sees half a file
 
 
 def _load_state(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,30 +39,69 @@ def _check_args(channels: int, size: tuple[int, int], max_pixels: int) -> tuple[
     return int(size[0]), int(size[1])
 
 
-def _open(data: bytes, what: str, max_pixels: int) -> Image.Image:
-    """Open (header only) and check the pixel count before any pixel is decoded."""
+def _open(
+    source: bytes | Path, what: str, max_pixels: int, remedy: str = "upload"
+) -> Image.Image:
+    """Open (header only) and check the pixel count before any pixel is decoded.
+
+    ``source`` is the bytes of an upload or the path of a user's file; ``remedy`` words the
+    advice: "upload" (a new file) or "replace" (a file in the user's folder).
+    """
+    again = (
+        f"upload a {FORMAT_NAMES} file"
+        if remedy == "upload"
+        else f"replace it with a {FORMAT_NAMES} file or remove it"
+    )
+    smaller = "upload a smaller image" if remedy == "upload" else "shrink it or remove it"
     try:
         with warnings.catch_warnings():
             # PIL only warns below twice its own limit; an upload that size is refused outright
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            image = Image.open(
+                io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS
+            )
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise DataError(
-            f"The {what} is too large for this image reader ({exc}); upload an image of at "
-            f"most {max_pixels:,} pixels."
+            f"The {what} is too large for this image reader (more than {max_pixels:,} pixels); "
+            f"{smaller}."
         ) from exc
     except Exception as exc:  # any decoder failure on user bytes means "not an image we read"
-        raise DataError(
-            f"The {what} is not a readable image; upload a {FORMAT_NAMES} file."
-        ) from exc
+        if remedy == "upload":
+            raise DataError(f"The {what} is not a readable image; {again}.") from exc
+        raise DataError(f"The {what} cannot be read (damaged, or not an image); {again}.") from exc
     width, height = image.size
     if width * height > max_pixels:
         image.close()
         raise DataError(
             f"The {what} has {width}×{height} = {width * height:,} pixels, more than the limit "
-            f"of {max_pixels:,}; upload a smaller image."
+            f"of {max_pixels:,}; {smaller}."
         )
     return image
+
+
+def read_pixels(path: Path, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A user's image file as uint8 ``(H, W)`` (grey) or ``(H, W, 3)`` pixels, unresized.
+
+    The same safeguards as ``read_image``; the first frame of an animation, EXIF rotation
+    applied, any mode converted to 8-bit grey or RGB. ``what`` names the file in errors.
+    """
+    image = _open(path, what, max_pixels, remedy="replace")
+    try:
+        with image:
+            if int(getattr(image, "n_frames", 1) or 1) > 1:
+                image.seek(0)
+            image.load()
+            upright: Image.Image = image
+            if image.getexif().get(0x0112, 1) in range(2, 9):  # EXIF says "rotate me"
+                upright = ImageOps.exif_transpose(image)
+            return np.array(to_rgb_or_l(upright, []), dtype=np.uint8)
+    except DataError:
+        raise
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise DataError(
+            f"The {what} cannot be read (damaged, or not an image); replace it with a "
+            f"{FORMAT_NAMES} file or remove it."
+        ) from exc
 
 
 def to_rgb_or_l(image: Image.Image, notes: list[str]) -> Image.Image:

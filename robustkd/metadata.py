@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from robustkd.errors import CheckpointError
-from robustkd.poison import MODES
 
+# how a backdoor picks its target: one class for all, or each class to the next
+MODES = ("all-to-one", "all-to-all")
 MAX_METADATA_CHARS = 16_000_000  # room for an embedded trigger pattern; JSON parsing stays fast
 MAX_METADATA_DEPTH = 64  # our own metadata nests about 5 deep; json.loads recurses per level
 MAX_CLASSES = 100_000  # the classifier layer is allocated before any weight is read

@@ -10,8 +10,8 @@ from torch import nn
 
 from robustkd.data import ImageDataset
 from robustkd.errors import ConfigError
+from robustkd.metadata import MODES
 from robustkd.models.complexity import count_flops, count_parameters
-from robustkd.poison import MODES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,9 @@ import torch
 
 from robustkd.data import ImageDataset, to_float, to_uint8
 from robustkd.errors import ConfigError
+from robustkd.metadata import MODES
 from robustkd.triggers import Trigger
 
-MODES = ("all-to-one", "all-to-all")
 CHUNK = 4096  # images stamped at once; bounds the float copy's memory
 
 

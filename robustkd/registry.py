@@ -29,6 +29,12 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return what it held (a plug-in or a test undoing its own)."""
+        obj = self.get(name)  # an unknown name lists the valid ones
+        del self._items[str(name).lower()]
+        return obj
+
     def get(self, name: str) -> T:
         """Return the object registered as ``name``; unknown names list the valid ones."""
         key = str(name).lower()

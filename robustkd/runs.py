@@ -12,7 +12,7 @@ marker). A run folder ``<root>/<id>/`` holds::
     cancel          present once a cancel was requested; the worker polls for it
     .worker.lock    locked (``flock``) by the run's one worker for its whole life
 
-Every file a reader may look at is either replaced atomically (``tempfile`` + ``os.replace``)
+Every file a reader may look at is either replaced atomically (``robustkd.atomic``)
 or appended line by line, so polling a run while its worker writes is always safe.
 
 One worker per run: the launcher takes the run's worker lock before the worker process exists
@@ -35,7 +35,6 @@ import secrets
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from robustkd.atomic import atomic_write_text
 from robustkd.errors import ConfigError, RobustKDError
 
 try:  # POSIX only; on Windows status updates go without a lock
@@ -122,44 +122,9 @@ def _dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, indent=indent, default=_json_default)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Replace ``path`` with ``text`` in one step: readers see the old or the new file, never half.
-
-    The text goes to a temporary file in the same folder, is flushed to disk, then renamed over
-    ``path``; on any error the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """``atomic_write_text`` of ``obj`` as indented JSON."""
     return atomic_write_text(path, _dumps(obj, indent=2) + "\n")
-
-
-def _replace(src: str, dst: Path) -> None:
-    if os.name != "nt":
-        os.replace(src, dst)
-        return
-    for attempt in range(20):  # pragma: no cover - Windows refuses while a reader has dst open
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            if attempt == 19:
-                raise
-            time.sleep(0.025)
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:

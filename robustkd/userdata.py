@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from robustkd.data import IMAGE_SUFFIXES, ImageDataset
 from robustkd.errors import ConfigError, DataError
-from robustkd.images import FORMAT_NAMES, FORMATS, MAX_PIXELS, to_rgb_or_l
+from robustkd.images import FORMAT_NAMES, MAX_PIXELS, read_pixels
 
 DATA_KINDS = ("imagefolder", "unlabelled", "npz")
 # decoded pixels held in memory at once; a set larger than this needs a streaming pipeline
@@ -141,29 +141,8 @@ def _class_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _decode(path: Path, rel: str) -> np.ndarray:
-    """One image file as uint8 ``(H, W)`` (grey) or ``(H, W, 3)``, converted as images.py does."""
-    try:
-        with Image.open(path, formats=FORMATS) as opened:
-            width, height = opened.size
-            if width * height > MAX_PIXELS:
-                raise DataError(
-                    f"The image {rel} has {width}×{height} pixels, more than the limit of "
-                    f"{MAX_PIXELS:,}; shrink it or remove it."
-                )
-            if int(getattr(opened, "n_frames", 1) or 1) > 1:
-                opened.seek(0)  # an animation counts as its first frame, like an upload
-            opened.load()
-            image: Image.Image = opened
-            if image.getexif().get(0x0112, 1) in range(2, 9):  # EXIF says "rotate me"
-                image = ImageOps.exif_transpose(image)
-            return np.array(to_rgb_or_l(image, []), dtype=np.uint8)
-    except DataError:
-        raise
-    except Exception as exc:  # any decoder failure on user bytes means "not an image we read"
-        raise DataError(
-            f"The image {rel} cannot be read (damaged, or not a {FORMAT_NAMES} file); "
-            "replace it or remove it."
-        ) from exc
+    """One image file as uint8 ``(H, W)`` (grey) or ``(H, W, 3)``, by the one safe reader."""
+    return read_pixels(path, f"image {rel}")
 
 
 def _batches(items: list[Any] | tuple[Any, ...]) -> Iterator[Any]:

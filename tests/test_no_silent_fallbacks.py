@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+import robustkd.defenses.base as method_base
+import robustkd.defenses.learned_detox as learned_detox
 import robustkd.distill as distill_module
 from robustkd.checkpoints import load_checkpoint, read_metadata
 from robustkd.cli import main
@@ -46,7 +48,7 @@ def _captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen.update(kw)
         return []
 
-    monkeypatch.setattr(distill_module, "distill_student", fake_distill)
+    monkeypatch.setattr(method_base, "distill_student", fake_distill)
     return seen
 
 
@@ -61,7 +63,7 @@ def _captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 )
 def test_noise_rate_zero_can_be_set(teacher, scenario, monkeypatch, method, asked, expected):
     seen = _captured(monkeypatch)
-    monkeypatch.setattr(distill_module, "fit_learned", lambda *a, **k: None)
+    monkeypatch.setattr(learned_detox, "fit_learned", lambda *a, **k: None)
     run_method(method, teacher[0], teacher[1], scenario, _config(noise_rate=asked))
     assert seen["noise_rate"] == expected
 

@@ -1,0 +1,29 @@
+"""Defences and baselines, one module per family, registered by name in ``METHODS``.
+
+Adding a method: a module with a ``Method`` (or ``StudentMethod``) subclass decorated with
+``@register_method``, imported below; the CLI, the app and the reports pick it up.
+"""
+
+# importing the families registers their methods
+from robustkd.defenses import baselines, learned_detox, nad, repair, variance_detox  # noqa: F401
+from robustkd.defenses.base import (
+    METHODS,
+    Context,
+    Method,
+    Recipe,
+    StudentMethod,
+    Trained,
+    method_names,
+    register_method,
+)
+
+__all__ = [
+    "METHODS",
+    "Context",
+    "Method",
+    "Recipe",
+    "StudentMethod",
+    "Trained",
+    "method_names",
+    "register_method",
+]

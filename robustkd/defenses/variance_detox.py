@@ -1,0 +1,71 @@
+"""``robustkd``, our default recipe: KD from the threshold-detoxified teacher, samples screened.
+
+Units whose variance on the distillation data exceeds the clean-halves threshold are replaced
+by their trusted clean mean at every stage, and samples deviating on those units get
+cross-entropy only (or are dropped, ``screen_policy``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from robustkd.defenses.base import Context, Recipe, StudentMethod, register_method
+from robustkd.detox import fit_screen, fit_threshold
+from robustkd.distill import screen_report
+
+
+@register_method
+class VarianceDetox(StudentMethod):
+    """Feature + logit KD from the teacher detoxified by the variance threshold, screened."""
+
+    name = "robustkd"
+    description = "student, KD from the threshold-detoxified teacher + sample screening"
+    order = 40
+    options = (
+        "layers",
+        "threshold",
+        "granularity",
+        "blend",
+        "screen",
+        "screen_policy",
+        "screen_quantile",
+        "logit_weight",
+        "temperature",
+        "feature_weight",
+        "variance_weight",
+        "noise_rate",
+    )
+
+    def recipe(self, ctx: Context) -> Recipe:
+        """Fit the threshold (once per comparison), detoxify, and screen the samples."""
+        teacher, scenario, config = ctx.teacher, ctx.scenario, ctx.config
+        if "fit" not in ctx.shared:
+            ctx.shared["fit"] = fit_threshold(
+                teacher,
+                scenario.trusted,
+                scenario.distill,
+                config.layers,
+                config.granularity,
+                config.seed,
+            )
+        fit = ctx.shared["fit"]
+        detox = fit.detoxifier(config.threshold, config.blend)
+        extra: dict[str, Any] = {}
+        screen_scores = withheld = None
+        if config.screen:
+            screen = fit_screen(teacher, fit, config.threshold, config.screen_quantile)
+            screen_scores = screen.scores(teacher, scenario.distill)
+            withheld = screen_scores > screen.threshold
+            extra.update(screen_report(withheld, scenario.poisoned_mask, screen.threshold))
+        extra["flagged_units"] = fit.flagged_units(config.threshold)
+        extra["thresholds"] = fit.thresholds(config.threshold)
+        return Recipe(
+            teacher,
+            logit_weight=config.logit_weight,
+            feature_weight=config.feature_weight,
+            noise_rate=config.noise_rate if config.noise_rate is not None else 0.0,
+            detoxifier=detox,
+            withheld=withheld,
+            screen_scores=screen_scores,
+            extra=extra,
+        )
