@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from robustkd.data import IMAGE_SUFFIXES, ImageDataset
+from robustkd.data import IMAGE_SUFFIXES, ImageDataset, channel_stats
 from robustkd.errors import ConfigError, DataError
 from robustkd.images import FORMAT_NAMES, MAX_PIXELS, read_pixels
 
@@ -43,7 +43,6 @@ _GIVE = "give an ImageFolder folder (one sub-folder per class), a folder of imag
 _CHUNK = 1 << 20
 _DECODE_BATCH = 64  # image files per decoding task
 _THREADED_FILE_BYTES = 16_384  # decode files larger than this on several threads
-_STATS_CHUNK = 1 << 24  # pixels summed at a time (as int64: 128 MiB)
 # tiny members compress far (blank images, text) and cannot make a bomb; ratios count above this
 _RATIO_FLOOR = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -100,29 +99,6 @@ def detect_kind(path: str | Path) -> str:
     npz = [p.name for p in entries if p.suffix.lower() == ".npz"]
     hint = f"give the file {npz[0]} itself" if npz else f"add images ({_suffixes()})"
     raise DataError(f"The folder {root.name} holds no images and no class folders; {hint}.")
-
-
-def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``channel_stats`` without its float64 copy of the whole set (8× the data in memory).
-
-    Exact integer sums over chunks give the same mean and (unbiased) std, rounded the same way.
-    """
-    n, c, h, w = images.shape
-    step = max(1, _STATS_CHUNK // max(1, c * h * w))
-    s1 = [0] * c
-    s2 = [0] * c
-    for start in range(0, n, step):
-        chunk = images[start : start + step].to(torch.int64)
-        sums = chunk.sum(dim=(0, 2, 3)).tolist()
-        squares = (chunk * chunk).sum(dim=(0, 2, 3)).tolist()
-        for k in range(c):
-            s1[k] += sums[k]
-            s2[k] += squares[k]
-    count = n * h * w
-    mean = tuple(round(a / count / 255.0, 4) for a in s1)
-    var = [(b * count - a * a) / (count * max(count - 1, 1)) for a, b in zip(s1, s2, strict=True)]
-    std = tuple(round(max(v**0.5 / 255.0, 1e-6), 4) for v in var)
-    return mean, std
 
 
 # --------------------------------------------------------------------------- image folders
@@ -244,7 +220,7 @@ def _load_imagefolder(root: Path, name: str, max_images: int) -> ImageDataset:
         labels += [label] * len(images)
         _check_count(len(files), max_images, f"The folder {root.name}")
     images_t, ids = _read_images(root, files)
-    mean, std = _channel_stats(images_t)
+    mean, std = channel_stats(images_t)
     return ImageDataset(
         images=images_t,
         labels=torch.tensor(labels, dtype=torch.long),
@@ -260,7 +236,7 @@ def _load_unlabelled(root: Path, name: str, max_images: int) -> ImageDataset:
     files = [p for p in _listing(root) if p.is_file() and _is_image(p)]
     _check_count(len(files), max_images, f"The folder {root.name}")
     images, ids = _read_images(root, files)
-    mean, std = _channel_stats(images)
+    mean, std = channel_stats(images)
     return ImageDataset(
         images=images,
         labels=torch.full((len(files),), -1, dtype=torch.long),
@@ -420,7 +396,7 @@ def _load_npz(file: Path, name: str, allow_unlabelled: bool, max_images: int) ->
         x = _npz_array(npz, "x", where)
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     images = torch.from_numpy(np.ascontiguousarray(x))
-    mean, std = _channel_stats(images)
+    mean, std = channel_stats(images)
     return ImageDataset(
         images=images,
         labels=labels,

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import robustkd.data as data_module
 from robustkd import userdata
 from robustkd.data import ImageDataset, channel_stats
 from robustkd.errors import ConfigError, DataError
@@ -141,12 +142,20 @@ def test_npz_grey_colour_labels_and_classes(tmp_path: Path) -> None:
     _one_sentence(err, "u.npz", "only the distillation set may be unlabelled")
 
 
-def test_chunked_channel_stats_match_channel_stats(monkeypatch) -> None:
-    monkeypatch.setattr(userdata, "_STATS_CHUNK", 500)  # many chunks of a few images
+def _float64_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The straightforward float64 computation that the chunked one must equal."""
+    x = images.double().div(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+def test_chunked_channel_stats_match_float64(monkeypatch) -> None:
+    monkeypatch.setattr(data_module, "STATS_CHUNK", 500)  # many chunks of a few images
     images = torch.from_numpy(RNG.integers(0, 256, (50, 3, 9, 7), dtype=np.uint8))
-    assert userdata._channel_stats(images) == channel_stats(images)
+    assert channel_stats(images) == _float64_stats(images)
     flat = torch.full((4, 1, 5, 5), 7, dtype=torch.uint8)
-    assert userdata._channel_stats(flat) == channel_stats(flat)
+    assert channel_stats(flat) == _float64_stats(flat)
 
 
 # --------------------------------------------------------------------------- mistakes
