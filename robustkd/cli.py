@@ -662,6 +662,8 @@ def _import(args: argparse.Namespace) -> int:
         f"{meta['model_args']['num_classes']} classes, input {c}×{h}×{w}, normalisation "
         + (f"mean {norm['mean']} std {norm['std']}" if norm else "the data's own statistics")
     )
+    if meta.get("image_size_assumed"):
+        print(f"note: the file does not tell its input size; {h}×{w} was assumed (--image-size)")
     if meta.get("trigger"):
         print(f"trigger {meta['trigger'].get('name')} → class {meta.get('target')}")
     return 0
@@ -680,7 +682,12 @@ def _info(args: argparse.Namespace) -> int:
     print(f"architecture   {card.architecture}  (stages: {', '.join(card.feature_layers)})")
     print(f"parameters     {card.params:,}")
     print(f"FLOPs / image  {card.flops:,}")
-    print(f"input shape    {card.input_shape}")
+    assumed = (
+        " (assumed: the file does not tell; pass --image-size)"
+        if meta.get("image_size_assumed")
+        else ""
+    )
+    print(f"input shape    {card.input_shape}{assumed}")
     print(f"file size      {card.file_bytes / 1e6:.2f} MB")
     for key in ("dataset", "trigger", "target", "student_architecture"):
         value = getattr(card, key)
@@ -772,7 +779,9 @@ def _distill(args: argparse.Namespace) -> int:
         test=_user_data(args.test_data, "test set"),
     )
     teacher_path = Path(args.teacher) if args.teacher else DEFAULT_TEACHER
-    reference = sources.test or sources.trusted or sources.distill
+    reference = next(
+        (d for d in (sources.test, sources.trusted, sources.distill) if d is not None), None
+    )
     teacher, meta = load_model(teacher_path, _options_from(args), reference)
     meta["path"] = str(teacher_path)
     trig = _trigger_dict(args)

@@ -124,8 +124,11 @@ def load_model(
     )  # fmt: skip
     size = _first(
         options.image_size, args.get("image_size"), hints.get("image_size"),
-        data.image_size if data is not None else None, 28 if channels == 1 else 32,
+        data.image_size if data is not None else None,
     )  # fmt: skip
+    size_assumed = size is None
+    if size is None:  # global pooling takes any size; this one only sizes FLOPs and probes
+        size = 28 if channels == 1 else 32
     size = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
     if classes is None:
         raise CheckpointError(
@@ -161,6 +164,9 @@ def load_model(
     )
     if norm is not None:
         out["normalization"] = norm
+    out.pop("image_size_assumed", None)
+    if size_assumed:
+        out["image_size_assumed"] = True  # said by `info` and `import`; never saved
     if options.dataset:
         out["dataset"] = options.dataset
     elif "dataset" not in out and hints.get("dataset"):
@@ -238,6 +244,7 @@ def import_checkpoint(
         options = dataclasses.replace(options, normalization=None, mean=data.mean, std=data.std)
     model, meta = load_model(source, options, data)
     meta = {**meta, **(extra or {})}
+    assumed = meta.pop("image_size_assumed", False)  # said to the user, never recorded
     meta.setdefault("kind", "teacher")
     meta["imported_from"] = Path(source).name
     classes = meta.get("classes")
@@ -251,4 +258,4 @@ def import_checkpoint(
     if target is not None and not 0 <= int(target) < k:
         raise ConfigError(f"The target class must lie between 0 and {k - 1}; got {target}.")
     save_checkpoint(out, model, meta)
-    return model, meta
+    return model, {**meta, "image_size_assumed": True} if assumed else meta

@@ -255,3 +255,7 @@ def test_info_reads_the_input_shape_from_the_weights(tmp_path: Path, capsys) -> 
     card = json.loads(stdout)
     assert card["architecture"] == "resnet18" and card["input_shape"] == [3, 32, 32]
     assert card["metadata"]["model_args"]["num_classes"] == 43
+    code, stdout, _ = _cli(["info", str(path)], capsys)  # the size is a guess, and says so
+    assert code == 0 and "(3, 32, 32) (assumed" in stdout
+    code, stdout, _ = _cli(["info", str(path), "--image-size", "40"], capsys)
+    assert code == 0 and "(3, 40, 40)" in stdout and "assumed" not in stdout
