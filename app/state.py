@@ -7,7 +7,7 @@ Session keys: ``teacher_path`` (the checkpoint in use), ``teacher_args`` (the ``
 fields it is loaded with, a plain JSON-able dict; ``{}`` = what the file records) and
 ``user_data`` (``{"distill": path | None, "trusted": ..., "test": ...}``, the user's own image
 sets). Uploads are kept per content under the runs folder, so two files of the same name never
-overwrite each other; each new upload removes old unused ones (``robustkd.uploads``).
+overwrite each other; each new upload removes old unused ones (``robustkd.runs.uploads``).
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ import streamlit as st
 import torch
 
 from robustkd.atomic import atomic_write_bytes
-from robustkd.checkpoints import read_metadata
-from robustkd.cli import DEFAULT_TEACHER
-from robustkd.data import ImageDataset, dataset_names, load_dataset
-from robustkd.device import device_label, resolve_device
+from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.data.datasets import ImageDataset, dataset_names, load_dataset
 from robustkd.errors import ConfigError, DataError, RobustKDError, redact_paths
-from robustkd.importer import ModelOptions, import_checkpoint
-from robustkd.importer import load_model as import_model
-from robustkd.modelcard import check_fits_data, normalized_for
-from robustkd.runs import (
+from robustkd.models.checkpoints import DEFAULT_TEACHER, read_metadata
+from robustkd.models.importer import ModelOptions, import_checkpoint
+from robustkd.models.importer import load_model as import_model
+from robustkd.models.modelcard import check_fits_data, normalized_for
+from robustkd.models.sharing import share
+from robustkd.runs.store import (
     DAMAGED,
     Run,
     atomic_write_text,
@@ -43,9 +43,8 @@ from robustkd.runs import (
     run_label,
     validate_name,
 )
-from robustkd.sharing import share
-from robustkd.triggers import trigger_from_dict
-from robustkd.uploads import clean_uploads, touch
+from robustkd.runs.uploads import clean_uploads, touch
+from robustkd.training.device import device_label, resolve_device
 
 # Tests point the app at a tiny teacher through this variable.
 TEACHER_ENV = "ROBUSTKD_TEACHER"
@@ -112,7 +111,7 @@ def user_data() -> dict[str, str | None]:
 @st.cache_resource(show_spinner="Reading your images …", max_entries=12)
 def load_user_set(path: str, role: str) -> ImageDataset:
     """One of the user's image sets, cached per file (uploads never change: kept per content)."""
-    from robustkd.userdata import load_user_data
+    from robustkd.data.userdata import load_user_data
 
     where = Path(path)
     name = where.stem if where.is_file() else where.name
@@ -179,7 +178,7 @@ def load_model(
                 classes = ()
         meta["classes"] = list(classes) if len(classes) == k else [str(i) for i in range(k)]
     # one module for every session: share() makes it refuse hooks, mode switches and moves;
-    # the library works on per-call views of it (robustkd.sharing)
+    # the library works on per-call views of it (robustkd.models.sharing)
     return share(model), meta
 
 
@@ -281,7 +280,7 @@ def save_data_upload(name: str, data: bytes) -> Path:
         root = (folder / marker.read_text(encoding="utf-8").strip()).resolve()
         if root.exists() and root.is_relative_to(folder.resolve()):
             return root
-    from robustkd.userdata import extract_zip
+    from robustkd.data.userdata import extract_zip
 
     # a fresh folder per extraction: two sessions uploading the same archive never collide
     root = extract_zip(path, folder / f"data-{uuid.uuid4().hex[:8]}")

@@ -56,7 +56,7 @@ def stamp(images: torch.Tensor) -> torch.Tensor:
 
 def train_outside(out: Path, seed: int) -> Path:
     """A teacher trained with a plain loop and saved as a bare state dict."""
-    from robustkd.data import load_dataset, normalize, to_float
+    from robustkd.data.datasets import load_dataset, normalize, to_float
     from robustkd.models import create_model
 
     path = out / "teacher.pt"
@@ -95,7 +95,7 @@ def train_outside(out: Path, seed: int) -> Path:
 
 def write_user_data(out: Path, seed: int) -> None:
     """The distillation and trusted ImageFolders and the test ``.npz``."""
-    from robustkd.data import load_dataset
+    from robustkd.data.datasets import load_dataset
 
     if (out / "data" / "done").exists():
         return

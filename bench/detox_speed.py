@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-from robustkd.checkpoints import load_checkpoint
-from robustkd.cli import DEFAULT_TEACHER
-from robustkd.detox import DetoxPreview, fit_threshold
-from robustkd.features import feature_stats
-from robustkd.scenarios import build_scenario
+from robustkd.analysis.features import feature_stats
+from robustkd.defenses.detox import DetoxPreview, fit_threshold
+from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint
+from robustkd.training.scenarios import build_scenario
 
 
 def _median_ms(fn, repeats: int) -> float:

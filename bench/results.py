@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from robustkd.cli import DEFAULT_TEACHER
+from robustkd.models.checkpoints import DEFAULT_TEACHER
 
 TEACHER_EPOCHS = 6  # the extra teachers (Blend, SIG, WaNet): 6 epochs of the fashion preset
 CORE = "scratch,feature-kd,robustkd"

@@ -37,19 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.checkpoints import load_checkpoint
-from robustkd.cli import DEFAULT_TEACHER
-from robustkd.data import ImageDataset, load_dataset, normalize, to_float
-from robustkd.detox import fit_screen, fit_threshold
-from robustkd.device import device_label, resolve_device
-from robustkd.distill import DistillConfig, distill_student, run_method
-from robustkd.engine import TrainConfig, make_optimizer, train_model
-from robustkd.features import capture, resolve_layers
-from robustkd.losses import FeatureDistiller, logit_kd_loss
+from robustkd.analysis.features import capture, resolve_layers
+from robustkd.data.datasets import ImageDataset, load_dataset, normalize, to_float
+from robustkd.defenses import run_method
+from robustkd.defenses.detox import fit_screen, fit_threshold
+from robustkd.experiments.presets import preset
+from robustkd.experiments.teacher import TeacherConfig, train_teacher
 from robustkd.models import create_model
-from robustkd.presets import preset
-from robustkd.scenarios import build_scenario, scenario_from_plan
-from robustkd.teacher import TeacherConfig, train_teacher
+from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint
+from robustkd.training.device import device_label, resolve_device
+from robustkd.training.distill import DistillConfig, distill_student
+from robustkd.training.engine import TrainConfig, make_optimizer, train_model
+from robustkd.training.losses import FeatureDistiller, logit_kd_loss
+from robustkd.training.scenarios import build_scenario, scenario_from_plan
 
 LOG: list[str] = []
 

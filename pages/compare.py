@@ -13,12 +13,12 @@ import pandas as pd
 import streamlit as st
 
 from app.state import load_model, runs_root, show_error
-from robustkd.checkpoints import read_metadata
+from robustkd.analysis.profiling import latency_per_image, report_rows
 from robustkd.errors import RobustKDError, redact_paths
-from robustkd.figures import acc_asr_bars, per_class_bars, training_curves
-from robustkd.modelcard import input_shape_of
-from robustkd.profiling import latency_per_image, report_rows
-from robustkd.runs import REPORT_FILE, Run, list_runs, validate_name
+from robustkd.models.checkpoints import read_metadata
+from robustkd.models.modelcard import input_shape_of
+from robustkd.runs.store import REPORT_FILE, Run, list_runs, validate_name
+from robustkd.viz.figures import acc_asr_bars, per_class_bars, training_curves
 
 REPORT_FILES = (("report.md", "text/markdown"), ("report.json", "application/json"))
 REPORT_FILES += (("report.csv", "text/csv"),)

@@ -15,16 +15,12 @@ from app.state import (
     teacher_path,
     user_data,
 )
-from robustkd import distributed
-from robustkd.compare import launch_compare, report_markdown
 from robustkd.defenses import METHODS, method_names
-from robustkd.device import resolve_device
-from robustkd.engine import COMPILE_MODES
 from robustkd.errors import ConfigError, RobustKDError, redact_paths
-from robustkd.figures import run_curves
+from robustkd.experiments.compare import launch_compare, report_markdown
+from robustkd.experiments.presets import preset_names
 from robustkd.models import model_names
-from robustkd.presets import preset_names
-from robustkd.runs import (
+from robustkd.runs.store import (
     ACTIVE_STATES,
     DAMAGED,
     Run,
@@ -39,7 +35,11 @@ from robustkd.runs import (
     run_label,
     start_queued,
 )
-from robustkd.scenarios import SCENARIOS
+from robustkd.training import distributed
+from robustkd.training.device import resolve_device
+from robustkd.training.engine import COMPILE_MODES
+from robustkd.training.scenarios import SCENARIOS
+from robustkd.viz.figures import run_curves
 
 # the teacher's model options under their command-line names (``--arch`` for architecture)
 OPTION_FLAGS = {"architecture": "arch"}

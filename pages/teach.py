@@ -17,10 +17,9 @@ from typing import Any
 import streamlit as st
 
 from app.state import default_teacher_path, runs_root, show_error
-from robustkd.compare import launch_compare
 from robustkd.errors import ConfigError, RobustKDError, redact_paths
-from robustkd.figures import acc_asr_bars, training_curves
-from robustkd.runs import (
+from robustkd.experiments.compare import launch_compare
+from robustkd.runs.store import (
     ACTIVE_STATES,
     Run,
     list_runs,
@@ -28,6 +27,7 @@ from robustkd.runs import (
     refresh_state,
     start_queued,
 )
+from robustkd.viz.figures import acc_asr_bars, training_curves
 
 DEMO_PRESET = "fashion-badnets-quick"
 DEMO_METHODS = ["feature-kd", "robustkd"]

@@ -7,10 +7,10 @@ import streamlit as st
 import torch
 
 from app.state import current_teacher, show_error, teacher_path, test_set_for
+from robustkd.analysis.metrics import evaluate, predict
+from robustkd.attacks.triggers import trigger_from_dict
 from robustkd.errors import RobustKDError
-from robustkd.metrics import evaluate, predict
-from robustkd.modelcard import model_card
-from robustkd.triggers import trigger_from_dict
+from robustkd.models.modelcard import model_card
 
 st.title("Teacher")
 try:

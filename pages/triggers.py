@@ -8,13 +8,9 @@ import streamlit as st
 import torch
 
 from app.state import current_teacher, show_error, test_set_for
-from robustkd.data import ImageDataset
-from robustkd.errors import RobustKDError
-from robustkd.images import read_image, to_display
-from robustkd.modelcard import attack_mode_of
-from robustkd.poison import MODES
-from robustkd.predictions import flip_grid, top_k_predictions
-from robustkd.triggers import (
+from robustkd.analysis.predictions import flip_grid, top_k_predictions
+from robustkd.attacks.poison import MODES
+from robustkd.attacks.triggers import (
     PATCH_PATTERNS,
     POSITIONS,
     CustomTrigger,
@@ -23,6 +19,10 @@ from robustkd.triggers import (
     trigger_from_dict,
     trigger_names,
 )
+from robustkd.data.datasets import ImageDataset
+from robustkd.data.images import read_image, to_display
+from robustkd.errors import RobustKDError
+from robustkd.models.modelcard import attack_mode_of
 
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "gif", "bmp", "tif", "tiff", "webp", "ppm"]
 

@@ -11,15 +11,15 @@ import streamlit as st
 import torch
 
 from app.state import current_teacher, data_key, show_error, teacher_path, test_set_for
-from robustkd.data import ImageDataset, defender_subset
-from robustkd.detox import DetoxPreview, ThresholdFit, auto_threshold, fit_threshold
+from robustkd.analysis.features import StatsCache, activations
+from robustkd.analysis.metrics import Evaluation, evaluate
+from robustkd.attacks.poison import MODES, poison_dataset
+from robustkd.attacks.triggers import Trigger, trigger_from_dict
+from robustkd.data.datasets import ImageDataset, defender_subset
+from robustkd.defenses.detox import DetoxPreview, ThresholdFit, auto_threshold, fit_threshold
 from robustkd.errors import RobustKDError
-from robustkd.features import StatsCache, activations
-from robustkd.metrics import Evaluation, evaluate
-from robustkd.modelcard import attack_mode_of
-from robustkd.poison import MODES, poison_dataset
-from robustkd.triggers import Trigger, trigger_from_dict
-from robustkd.variance_figures import (
+from robustkd.models.modelcard import attack_mode_of
+from robustkd.viz.variance_figures import (
     activation_maps_figure,
     channel_variance_figure,
     compare_layer,

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from robustkd.checkpoints import load_checkpoint, read_metadata, save_checkpoint
-from robustkd.data import ImageDataset, defender_subset, load_dataset
+from robustkd.analysis.metrics import der, evaluate
+from robustkd.attacks.poison import poison_dataset
+from robustkd.attacks.triggers import create_trigger, trigger_from_dict
+from robustkd.data.datasets import ImageDataset, defender_subset, load_dataset
 from robustkd.errors import RobustKDError
-from robustkd.metrics import der, evaluate
 from robustkd.models import create_model, model_names
-from robustkd.poison import poison_dataset
-from robustkd.triggers import create_trigger, trigger_from_dict
+from robustkd.models.checkpoints import load_checkpoint, read_metadata, save_checkpoint
 
 __all__ = [
     "ImageDataset",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from robustkd.data import ImageDataset, load_dataset
-from robustkd.engine import TrainConfig
-from robustkd.teacher import TeacherConfig, train_teacher
+from robustkd.data.datasets import ImageDataset, load_dataset
+from robustkd.experiments.teacher import TeacherConfig, train_teacher
+from robustkd.training.engine import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

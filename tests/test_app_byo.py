@@ -12,13 +12,13 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from robustkd.checkpoints import load_checkpoint, read_metadata
-from robustkd.compare import compare
-from robustkd.data import ImageDataset
-from robustkd.distill import DistillConfig
+from robustkd.data.datasets import ImageDataset
+from robustkd.experiments.compare import compare
 from robustkd.models import create_model
-from robustkd.runs import Run, list_runs
-from robustkd.scenarios import DataSources, build_scenario
+from robustkd.models.checkpoints import load_checkpoint, read_metadata
+from robustkd.runs.store import Run, list_runs
+from robustkd.training.distill import DistillConfig
+from robustkd.training.scenarios import DataSources, build_scenario
 from tests.conftest import ROOT
 
 MAIN = str(ROOT / "app" / "main.py")
@@ -204,7 +204,7 @@ def test_launch_passes_the_uploaded_data_and_teacher_options(
     small_test: ImageDataset,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from robustkd import runs as runs_module
+    from robustkd.runs import store as runs_module
 
     started: list[list[str]] = []
     monkeypatch.setattr(

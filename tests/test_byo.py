@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from robustkd.cli import main
-from robustkd.data import ImageDataset, load_dataset, normalize, to_float
+from robustkd.cli.main import main
+from robustkd.data.datasets import ImageDataset, load_dataset, normalize, to_float
 from robustkd.models import create_model
 
 TARGET = 0

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkd.checkpoints import load_checkpoint, read_metadata, save_checkpoint
 from robustkd.errors import CheckpointError
 from robustkd.models import create_model
+from robustkd.models.checkpoints import load_checkpoint, read_metadata, save_checkpoint
 
 ARGS = {"num_classes": 10, "in_channels": 1, "image_size": [28, 28]}
 

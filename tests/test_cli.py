@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkd.checkpoints import save_checkpoint
-from robustkd.cli import main
-from robustkd.data import load_dataset
+from robustkd.cli.main import main
+from robustkd.data.datasets import load_dataset
 from robustkd.models import create_model
+from robustkd.models.checkpoints import save_checkpoint
 from tests.conftest import ROOT
 
 VERBS = ["train-teacher", "evaluate", "info", "list"]

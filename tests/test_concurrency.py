@@ -1,6 +1,6 @@
 """One teacher shared by every session of the app: the page computations, run from several
 threads at once on ONE shared model, give exactly what they give alone, and the model is never
-changed (no hook, no mode switch, no move; see ``robustkd.sharing``). Then two real browser
+changed (no hook, no mode switch, no move; see ``robustkd.models.sharing``). Then two real browser
 sessions against one ``streamlit run`` server, and a teacher recorded as all-to-all measured
 as all-to-all on the pages."""
 
@@ -19,10 +19,14 @@ import pytest
 import torch
 from torch import fx, nn
 
-from robustkd.attribution import attribute
-from robustkd.checkpoints import load_checkpoint, save_checkpoint
-from robustkd.data import ImageDataset, load_dataset, to_float
-from robustkd.detox import (
+from robustkd.analysis.attribution import attribute
+from robustkd.analysis.features import activations, capture, feature_stats, tail_from
+from robustkd.analysis.metrics import evaluate, predict
+from robustkd.analysis.predictions import flip_grid
+from robustkd.attacks.poison import poison_dataset
+from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.data.datasets import ImageDataset, load_dataset, to_float
+from robustkd.defenses.detox import (
     Detoxifier,
     DetoxPreview,
     ThresholdDetox,
@@ -31,13 +35,9 @@ from robustkd.detox import (
     fit_threshold,
 )
 from robustkd.errors import RobustKDError
-from robustkd.features import activations, capture, feature_stats, tail_from
-from robustkd.metrics import evaluate, predict
-from robustkd.modelcard import normalized_for
-from robustkd.poison import poison_dataset
-from robustkd.predictions import flip_grid
-from robustkd.sharing import SharedModelError, is_shared, share, view
-from robustkd.triggers import trigger_from_dict
+from robustkd.models.checkpoints import load_checkpoint, save_checkpoint
+from robustkd.models.modelcard import normalized_for
+from robustkd.models.sharing import SharedModelError, is_shared, share, view
 from tests.test_e2e_browser import (
     CHROMIUM,
     CHROMIUM_ARGS,

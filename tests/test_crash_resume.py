@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from robustkd.cli import main
-from robustkd.compare import launch_compare
-from robustkd.runs import Run, refresh_state
+from robustkd.cli.main import main
+from robustkd.experiments.compare import launch_compare
+from robustkd.runs.store import Run, refresh_state
 
 OPTIONS = {
     "distill_size": 1500,

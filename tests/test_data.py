@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from robustkd.data import (
+from robustkd.data.datasets import (
     FASHION_MNIST_ENV,
     ImageDataset,
     dataset_names,

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from robustkd.checkpoints import load_checkpoint
-from robustkd.cli import DEFAULT_TEACHER
-from robustkd.data import load_dataset
-from robustkd.metrics import evaluate
+from robustkd.analysis.metrics import evaluate
+from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.data.datasets import load_dataset
 from robustkd.models import model_names
-from robustkd.triggers import trigger_from_dict
+from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint
 
 
 @pytest.fixture(scope="module")

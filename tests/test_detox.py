@@ -10,9 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from robustkd.checkpoints import load_checkpoint
-from robustkd.data import ImageDataset
-from robustkd.detox import (
+from robustkd.analysis.features import activations, feature_stats, variance_score
+from robustkd.analysis.metrics import evaluate
+from robustkd.attacks.poison import Poisoning, poison_dataset
+from robustkd.attacks.triggers import Trigger, create_trigger
+from robustkd.data.datasets import ImageDataset
+from robustkd.defenses.detox import (
     Detoxifier,
     DetoxPreview,
     LearnedDetox,
@@ -25,10 +28,7 @@ from robustkd.detox import (
     split_halves,
 )
 from robustkd.errors import CheckpointError, ConfigError
-from robustkd.features import activations, feature_stats, variance_score
-from robustkd.metrics import evaluate
-from robustkd.poison import Poisoning, poison_dataset
-from robustkd.triggers import Trigger, create_trigger
+from robustkd.models.checkpoints import load_checkpoint
 
 TARGET = 0
 

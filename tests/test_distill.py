@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkd.checkpoints import load_checkpoint, save_checkpoint
-from robustkd.cli import main
-from robustkd.compare import compare
-from robustkd.distill import METHODS, DistillConfig, run_method
+from robustkd.cli.main import main
+from robustkd.defenses import METHODS, run_method
 from robustkd.errors import ConfigError, UnknownNameError
+from robustkd.experiments.compare import compare
 from robustkd.models import create_model
-from robustkd.runs import Run
-from robustkd.scenarios import build_scenario
+from robustkd.models.checkpoints import load_checkpoint, save_checkpoint
+from robustkd.runs.store import Run
+from robustkd.training.distill import DistillConfig
+from robustkd.training.scenarios import build_scenario
 
 TINY = {"distill_size": 300, "trusted_size": 100, "test_size": 200}
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkd import distributed
-from robustkd.checkpoints import load_checkpoint
-from robustkd.cli import _without_nproc, main
-from robustkd.runs import Run
+from robustkd.cli.main import _without_nproc, main
+from robustkd.models.checkpoints import load_checkpoint
+from robustkd.runs.store import Run
+from robustkd.training import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TEACHER = [

@@ -6,17 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkd.data import ImageDataset
-from robustkd.engine import (
+from robustkd.analysis.metrics import evaluate
+from robustkd.data.datasets import ImageDataset
+from robustkd.errors import ConfigError
+from robustkd.models import create_model
+from robustkd.training.engine import (
     DivergedError,
     TrainConfig,
     augment_batch,
     lr_factor,
     train_model,
 )
-from robustkd.errors import ConfigError
-from robustkd.metrics import evaluate
-from robustkd.models import create_model
 
 
 def _config(**kw: object) -> TrainConfig:

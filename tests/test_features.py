@@ -11,9 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robustkd.data import ImageDataset, normalize, to_float
-from robustkd.errors import ConfigError, UnknownNameError
-from robustkd.features import (
+from robustkd.analysis.features import (
     LayerStats,
     RunningMoments,
     StatsCache,
@@ -24,9 +22,11 @@ from robustkd.features import (
     top_k,
     variance_score,
 )
+from robustkd.attacks.poison import poison_dataset
+from robustkd.attacks.triggers import create_trigger
+from robustkd.data.datasets import ImageDataset, normalize, to_float
+from robustkd.errors import ConfigError, UnknownNameError
 from robustkd.models import create_model
-from robustkd.poison import poison_dataset
-from robustkd.triggers import create_trigger
 
 LAYERS = ["block1", "block2", "block3"]
 

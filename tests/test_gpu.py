@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkd.checkpoints import load_checkpoint
-from robustkd.data import ImageDataset
-from robustkd.distill import DistillConfig, run_method
-from robustkd.engine import TrainConfig, TrainEvent, train_model
-from robustkd.metrics import evaluate
+from robustkd.analysis.metrics import evaluate
+from robustkd.data.datasets import ImageDataset
+from robustkd.defenses import run_method
 from robustkd.models import create_model
-from robustkd.scenarios import build_scenario
+from robustkd.models.checkpoints import load_checkpoint
+from robustkd.training.distill import DistillConfig
+from robustkd.training.engine import TrainConfig, TrainEvent, train_model
+from robustkd.training.scenarios import build_scenario
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,17 +10,17 @@ PACKAGE = ROOT / "robustkd"
 
 # bottom to top; a module may import its own layer and the ones below, never above
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["__init__", "errors", "registry", "atomic", "device", "distributed",
-                     "sharing", "metadata"]),
-    ("data and models", ["data", "userdata", "images", "models", "checkpoints", "modelcard",
-                         "importer"]),
-    ("attacks", ["triggers", "poison"]),
-    ("analysis", ["features", "attribution", "predictions", "metrics", "profiling"]),
-    ("defences and training", ["detox", "losses", "engine", "scenarios", "distill", "defenses"]),
-    ("experiments and runs", ["presets", "teacher", "compare", "runs", "uploads", "figures",
-                              "variance_figures"]),
+    ("foundations", ["__init__", "errors", "registry", "atomic"]),
+    ("data", ["data"]),
+    ("models", ["models"]),
+    ("attacks", ["attacks"]),
+    ("analysis", ["analysis"]),
+    ("training", ["training"]),
+    ("defences", ["defenses"]),
+    ("runs and figures", ["runs", "viz"]),
+    ("experiments", ["experiments"]),
     ("command line", ["cli", "__main__"]),
-]  # fmt: skip
+]
 LAYER = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
 
 

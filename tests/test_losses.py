@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkd.errors import ConfigError
-from robustkd.losses import (
+from robustkd.models import create_model
+from robustkd.training.losses import (
     Connector,
     FeatureDistiller,
     attention_map,
@@ -23,7 +24,6 @@ from robustkd.losses import (
     variance_alignment_loss,
     weighted_mean,
 )
-from robustkd.models import create_model
 
 
 def _row(*values: float) -> torch.Tensor:

@@ -4,9 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustkd.data import ImageDataset
-from robustkd.errors import ConfigError
-from robustkd.metrics import (
+from robustkd.analysis.metrics import (
     backdoor_targets,
     confusion_matrix,
     der,
@@ -14,7 +12,9 @@ from robustkd.metrics import (
     per_class_accuracy,
     predict,
 )
-from robustkd.triggers import create_trigger
+from robustkd.attacks.triggers import create_trigger
+from robustkd.data.datasets import ImageDataset
+from robustkd.errors import ConfigError
 
 
 class Constant(nn.Module):

@@ -11,16 +11,17 @@ import pytest
 
 import robustkd.defenses.base as method_base
 import robustkd.defenses.learned_detox as learned_detox
-import robustkd.distill as distill_module
-from robustkd.checkpoints import load_checkpoint, read_metadata
-from robustkd.cli import main
-from robustkd.compare import compare
-from robustkd.distill import DistillConfig, run_method
+import robustkd.training.distill as distill_module
+from robustkd.analysis.metrics import evaluate
+from robustkd.attacks.triggers import create_trigger
+from robustkd.cli.main import main
+from robustkd.defenses import run_method
 from robustkd.errors import ConfigError
-from robustkd.metrics import evaluate
-from robustkd.runs import Run
-from robustkd.scenarios import build_scenario
-from robustkd.triggers import create_trigger
+from robustkd.experiments.compare import compare
+from robustkd.models.checkpoints import load_checkpoint, read_metadata
+from robustkd.runs.store import Run
+from robustkd.training.distill import DistillConfig
+from robustkd.training.scenarios import build_scenario
 
 TINY = {"distill_size": 200, "trusted_size": 80, "test_size": 100}
 

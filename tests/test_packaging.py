@@ -251,7 +251,7 @@ def test_plain_install_runs_compare_on_the_packaged_teacher(
         "import captum.attr, plotly.offline, scipy.io  # robustkd's lazy imports\n"
         "assert 'streamlit' not in sys.modules, 'the library imported streamlit'\n"
         "assert importlib.util.find_spec('app') is None, 'a top-level app package is installed'\n"
-        "from robustkd.cli import DEFAULT_TEACHER\n"
+        "from robustkd.models.checkpoints import DEFAULT_TEACHER\n"
         "print(DEFAULT_TEACHER)\n"
     )
     proc = subprocess.run(

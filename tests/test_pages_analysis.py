@@ -19,16 +19,16 @@ import torch
 from streamlit.testing.v1 import AppTest
 from torch import nn
 
-from robustkd.attribution import ATTRIBUTION_METHODS, attribute, mass_in_region, overlay
-from robustkd.checkpoints import load_checkpoint
-from robustkd.compare import compare
-from robustkd.distill import DistillConfig
+from robustkd.analysis.attribution import ATTRIBUTION_METHODS, attribute, mass_in_region, overlay
+from robustkd.analysis.profiling import latency_per_image, report_rows
+from robustkd.attacks.triggers import BadNetsTrigger
 from robustkd.errors import UnknownNameError
+from robustkd.experiments.compare import compare
 from robustkd.models import create_model
-from robustkd.profiling import latency_per_image, report_rows
-from robustkd.runs import TERMINAL_STATES, Run, list_runs, refresh_state
-from robustkd.scenarios import build_scenario
-from robustkd.triggers import BadNetsTrigger
+from robustkd.models.checkpoints import load_checkpoint
+from robustkd.runs.store import TERMINAL_STATES, Run, list_runs, refresh_state
+from robustkd.training.distill import DistillConfig
+from robustkd.training.scenarios import build_scenario
 from tests.conftest import ROOT
 
 MAIN = ROOT / "app" / "main.py"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from robustkd.runs import list_runs
+from robustkd.runs.store import list_runs
 from tests.conftest import ROOT
 
 MAIN = str(ROOT / "app" / "main.py")
@@ -92,7 +92,7 @@ def test_several_gpus_offer_data_parallel_processes(
 ) -> None:
     # This machine has no GPU: pretend two are visible, so the form offers them. With no GPU
     # behind it, "auto" runs the 2 data-parallel processes on the CPU (gloo), for real.
-    from robustkd import distributed
+    from robustkd.training import distributed
 
     monkeypatch.setattr(distributed, "gpu_count", lambda: 2)
     monkeypatch.setenv("ROBUSTKD_TEACHER", str(tiny_teacher))

@@ -12,17 +12,17 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from robustkd.checkpoints import load_checkpoint
-from robustkd.data import ImageDataset
-from robustkd.detox import LayerFit
+from robustkd.analysis.features import LayerStats
+from robustkd.analysis.metrics import evaluate, predict
+from robustkd.analysis.predictions import flip_grid, top_k_predictions
+from robustkd.attacks.triggers import create_trigger, trigger_names
+from robustkd.data.datasets import ImageDataset
+from robustkd.data.images import read_image, to_display
+from robustkd.defenses.detox import LayerFit
 from robustkd.errors import ConfigError, DataError
-from robustkd.features import LayerStats
-from robustkd.images import read_image, to_display
-from robustkd.metrics import evaluate, predict
 from robustkd.models import create_model
-from robustkd.predictions import flip_grid, top_k_predictions
-from robustkd.triggers import create_trigger, trigger_names
-from robustkd.variance_figures import (
+from robustkd.models.checkpoints import load_checkpoint
+from robustkd.viz.variance_figures import (
     activation_maps_figure,
     channel_variance_figure,
     compare_layer,

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from robustkd.data import ImageDataset, to_float, to_uint8
+from robustkd.attacks.poison import Poisoning, backdoor_targets, poison_dataset
+from robustkd.attacks.triggers import BadNetsTrigger, BlendTrigger, WaNetTrigger
+from robustkd.data.datasets import ImageDataset, to_float, to_uint8
 from robustkd.errors import ConfigError
-from robustkd.poison import Poisoning, backdoor_targets, poison_dataset
-from robustkd.triggers import BadNetsTrigger, BlendTrigger, WaNetTrigger
 
 N, K = 300, 10
 

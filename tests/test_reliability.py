@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from robustkd.cli import main
-from robustkd.compare import launch_compare
-from robustkd.runs import Run, refresh_state
+from robustkd.cli.main import main
+from robustkd.experiments.compare import launch_compare
+from robustkd.runs.store import Run, refresh_state
 from tests.conftest import ROOT
 
 MAIN = str(ROOT / "app" / "main.py")
@@ -54,7 +54,7 @@ def test_unwritable_runs_folder_is_one_sentence(tmp_path: Path, tiny_teacher: Pa
 def test_full_disk_mid_run_is_reported(
     tmp_path: Path, tiny_teacher: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import robustkd.compare as compare_module
+    import robustkd.experiments.compare as compare_module
 
     def no_space(*_a: object, **_k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.json"))
@@ -118,8 +118,8 @@ def test_five_sessions_walk_the_pages_while_a_run_goes(
 def test_every_page_survives_a_broken_teacher(
     broken: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from robustkd.checkpoints import read_metadata, save_checkpoint
     from robustkd.models import create_model
+    from robustkd.models.checkpoints import read_metadata, save_checkpoint
 
     path = tmp_path / "teacher.safetensors"
     if broken == "junk":

@@ -15,11 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from robustkd import runs
-from robustkd.data import ImageDataset
-from robustkd.engine import TrainConfig, TrainEvent, train_model
+from robustkd.data.datasets import ImageDataset
 from robustkd.errors import ConfigError, RobustKDError
-from robustkd.runs import (
+from robustkd.runs import store as runs
+from robustkd.runs.store import (
     Run,
     RunCancelled,
     RunProgress,
@@ -32,6 +31,7 @@ from robustkd.runs import (
     list_runs,
     refresh_state,
 )
+from robustkd.training.engine import TrainConfig, TrainEvent, train_model
 
 
 @pytest.fixture()

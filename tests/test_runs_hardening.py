@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from robustkd.cli import main
-from robustkd.compare import launch_compare
+from robustkd.cli.main import main
 from robustkd.errors import ConfigError, RobustKDError, redact_paths
-from robustkd.runs import (
+from robustkd.experiments.compare import launch_compare
+from robustkd.runs.store import (
     DIED_MESSAGE,
     Run,
     file_sha256,
@@ -31,7 +31,7 @@ from robustkd.runs import (
     refresh_state,
     start_queued,
 )
-from robustkd.uploads import clean_uploads, upload_days
+from robustkd.runs.uploads import clean_uploads, upload_days
 from tests.conftest import ROOT
 
 TINY = ["--distill-size", "300", "--trusted-size", "100", "--test-size", "200"]
@@ -42,7 +42,7 @@ TINY += ["--epochs", "1", "--device", "cpu", "--quiet"]
 WAITER = (
     "import os, sys, time\n"
     "from pathlib import Path\n"
-    "from robustkd.runs import Run\n"
+    "from robustkd.runs.store import Run\n"
     "run = Run(Path(os.environ['ROBUSTKD_RUNS']) / sys.argv[1])\n"
     "run.start()\n"
     "while not (run.path / 'go').exists():\n"
@@ -403,7 +403,7 @@ def test_worker_subprocess_inherits_the_lock(root: Path, stop_workers: Workers) 
     code = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from robustkd.runs import Run\n"
+        "from robustkd.runs.store import Run\n"
         "run = Run(Path(os.environ['ROBUSTKD_RUNS']) / sys.argv[1])\n"
         "with run.worker_lock():\n"
         "    print('lock', 'adopted', flush=True)\n"

@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from robustkd.errors import ConfigError, DataError, UnknownNameError
-from robustkd.triggers import (
+from robustkd.attacks.triggers import (
     TRIGGERS,
     BadNetsTrigger,
     BlendTrigger,
@@ -26,6 +25,7 @@ from robustkd.triggers import (
     trigger_from_dict,
     trigger_names,
 )
+from robustkd.errors import ConfigError, DataError, UnknownNameError
 
 SHAPES = [(4, 1, 28, 28), (4, 3, 32, 32)]
 NAMES = ["badnets", "badnets-checkerboard", "blend", "sig", "wanet", "custom"]

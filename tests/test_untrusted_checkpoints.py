@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from robustkd.checkpoints import load_checkpoint, read_metadata, save_checkpoint
-from robustkd.cli import main
+from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.cli.main import main
 from robustkd.errors import CheckpointError, ConfigError, DataError, RobustKDError
-from robustkd.importer import load_model
 from robustkd.models import create_model
-from robustkd.triggers import trigger_from_dict
+from robustkd.models.checkpoints import load_checkpoint, read_metadata, save_checkpoint
+from robustkd.models.importer import load_model
 
 ARGS = {"num_classes": 10, "in_channels": 1, "image_size": [28, 28]}
 META = {"architecture": "small-cnn-student", "model_args": ARGS}
@@ -344,7 +344,7 @@ def test_deeply_nested_metadata_is_refused_without_recursion(
 
 
 def test_huge_metadata_is_refused_before_parsing(tmp_path: Path) -> None:
-    from robustkd.metadata import MAX_METADATA_CHARS
+    from robustkd.models.metadata import MAX_METADATA_CHARS
 
     path = _raw_meta(tmp_path, json.dumps({**META, "pad": "x" * MAX_METADATA_CHARS}))
     with pytest.raises(CheckpointError, match="characters of metadata"):

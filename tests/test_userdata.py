@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-import robustkd.data as data_module
-from robustkd import userdata
-from robustkd.data import ImageDataset, channel_stats
+import robustkd.data.datasets as data_module
+from robustkd.data import userdata
+from robustkd.data.datasets import ImageDataset, channel_stats
+from robustkd.data.userdata import DATA_KINDS, detect_kind, extract_zip, load_user_data
 from robustkd.errors import ConfigError, DataError
-from robustkd.userdata import DATA_KINDS, detect_kind, extract_zip, load_user_data
 
 RNG = np.random.default_rng(0)
 

@@ -15,6 +15,7 @@ from robustkd.defenses.base import (
     Trained,
     method_names,
     register_method,
+    run_method,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "Trained",
     "method_names",
     "register_method",
+    "run_method",
 ]

@@ -19,8 +19,9 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import nn
 
-from robustkd.detox import Detoxifier
-from robustkd.distill import (
+from robustkd.defenses.detox import Detoxifier
+from robustkd.registry import Registry
+from robustkd.training.distill import (
     DistillConfig,
     MethodResult,
     distill_student,
@@ -28,9 +29,8 @@ from robustkd.distill import (
     student_for,
     teacher_predictions,
 )
-from robustkd.engine import ProgressFn
-from robustkd.registry import Registry
-from robustkd.scenarios import Scenario
+from robustkd.training.engine import ProgressFn
+from robustkd.training.scenarios import Scenario
 
 Produces = Literal["student", "teacher"]
 PRODUCES: tuple[Produces, ...] = ("student", "teacher")
@@ -187,3 +187,25 @@ def register_method(cls: M) -> M:
 def method_names() -> list[str]:
     """The registered methods' names in their ``order`` (CLI default, app picker, reports)."""
     return sorted(METHODS, key=lambda name: (METHODS.get(name).order, name))
+
+
+def run_method(
+    method: str,
+    teacher: nn.Module,
+    teacher_meta: dict[str, Any],
+    scenario: Scenario,
+    config: DistillConfig,
+    progress: ProgressFn | None = None,
+    shared: dict[str, Any] | None = None,
+    state_dir: Path | None = None,
+) -> MethodResult:
+    """Run the registered method ``method`` on ``scenario`` and measure it on its test set.
+
+    ``shared`` caches what several methods reuse (the threshold fit) within one comparison;
+    with ``state_dir`` every training phase saves its state after each epoch there and
+    continues from it when called again (resuming a killed run). Import ``robustkd.defenses``
+    (not this module alone) so that every family has registered its methods.
+    """
+    return METHODS.get(method)().run(
+        teacher, teacher_meta, scenario, config, progress, shared, state_dir
+    )

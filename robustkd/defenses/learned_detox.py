@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from robustkd.defenses.base import Context, Recipe, StudentMethod, register_method
-from robustkd.detox import fit_learned
+from robustkd.defenses.detox import fit_learned
 
 PAPER_NOISE_RATE = 0.1  # salt-and-pepper on the student's input, unless the user sets one
 

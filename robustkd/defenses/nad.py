@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from robustkd.defenses.base import Context, Recipe, StudentMethod, register_method
-from robustkd.distill import fine_tune
+from robustkd.training.distill import fine_tune
 
 
 @register_method

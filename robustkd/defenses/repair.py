@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 from robustkd.defenses.base import Context, Method, Trained, register_method
-from robustkd.distill import fine_prune, fine_tune
+from robustkd.training.distill import fine_prune, fine_tune
 
 FINETUNE_OPTIONS = ("finetune_epochs", "finetune_lr", "finetune_batch_size")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.defenses.base import Context, Recipe, StudentMethod, register_method
-from robustkd.detox import fit_screen, fit_threshold
-from robustkd.distill import screen_report
+from robustkd.defenses.detox import fit_screen, fit_threshold
+from robustkd.training.distill import screen_report
 
 
 @register_method

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from robustkd.sharing import view
+from robustkd.models.sharing import view
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

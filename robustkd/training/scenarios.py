@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from robustkd.data import ImageDataset, load_dataset
+from robustkd.attacks.poison import poison_dataset
+from robustkd.attacks.triggers import Trigger, trigger_from_dict
+from robustkd.data.datasets import ImageDataset, load_dataset
 from robustkd.errors import ConfigError
-from robustkd.poison import poison_dataset
-from robustkd.triggers import Trigger, trigger_from_dict
 
 SCENARIOS = ("clean", "untrusted", "teacher-train", "as-is")
 
@@ -75,7 +75,7 @@ def build_scenario(
     ``sources`` holds the user's own image sets (used exactly as given, never subsampled);
     ``trigger``/``target`` override what the teacher records.
     """
-    from robustkd.modelcard import check_fits_data, normalized_for
+    from robustkd.models.modelcard import check_fits_data, normalized_for
 
     if name not in SCENARIOS:
         raise ConfigError(f"Unknown scenario {name!r}; choose one of: {', '.join(SCENARIOS)}.")

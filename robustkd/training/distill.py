@@ -2,7 +2,8 @@
 a (possibly detoxified) teacher, fine-tuning and fine-pruning, and the final measurement.
 
 The methods themselves (defences and baselines) are classes in ``robustkd.defenses``, one
-module per family, in the registry ``METHODS``; ``run_method`` runs one of them by name.
+module per family, in the registry ``METHODS``; ``robustkd.defenses.run_method`` runs one of
+them by name.
 """
 
 from __future__ import annotations
@@ -12,24 +13,26 @@ import copy
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd.data import ImageDataset, normalize
-from robustkd.detox import Detoxifier
-from robustkd.engine import (
+from robustkd.analysis.features import capture, resolve_layers
+from robustkd.analysis.metrics import evaluate
+from robustkd.data.datasets import ImageDataset, normalize
+from robustkd.errors import ConfigError
+from robustkd.models import create_model
+from robustkd.models.complexity import count_flops, count_parameters
+from robustkd.training.engine import (
     ProgressFn,
     TrainConfig,
     check_options,
     seed_everything,
     train_model,
 )
-from robustkd.errors import ConfigError
-from robustkd.features import capture, resolve_layers
-from robustkd.losses import (
+from robustkd.training.losses import (
     FeatureDistiller,
     logit_kd_loss,
     nad_loss,
@@ -37,14 +40,17 @@ from robustkd.losses import (
     variance_alignment_loss,
     weighted_mean,
 )
-from robustkd.metrics import evaluate
-from robustkd.models import create_model
-from robustkd.models.complexity import count_flops, count_parameters
-from robustkd.scenarios import Scenario
+from robustkd.training.scenarios import Scenario
 
-if TYPE_CHECKING:
-    from robustkd.defenses.base import Method
-    from robustkd.registry import Registry
+
+class TeacherFilter(Protocol):
+    """What the student's training needs of a detoxifier (``robustkd.defenses.detox``): it
+    moves to a device and, attached to the teacher, rewrites its features while it is read."""
+
+    def to(self, device: torch.device) -> Any: ...
+
+    def attach(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]: ...
+
 
 SCREEN_POLICIES = ("ce-only", "drop")
 
@@ -142,7 +148,7 @@ class MethodResult:
     model: nn.Module
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
-    detoxifier: Detoxifier | None = None
+    detoxifier: TeacherFilter | None = None
     # robustkd's sample screen: per distillation sample, its score and whether it was withheld
     screen_scores: torch.Tensor | None = None
     withheld: torch.Tensor | None = None
@@ -212,7 +218,7 @@ def teacher_predictions(
 ) -> torch.Tensor:
     """The teacher's test-set predictions, computed once per comparison (cached in ``shared``)."""
     if "teacher_preds" not in shared:
-        from robustkd.metrics import predict
+        from robustkd.analysis.metrics import predict
 
         test = scenario.test
         shared["teacher_preds"] = predict(teacher.eval(), test.images, test.mean, test.std, None)
@@ -227,7 +233,7 @@ def final_metrics(
     teacher_preds: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """ACC, ASR, agreement with the teacher, size and the data behind them, on the test set."""
-    from robustkd.metrics import predict
+    from robustkd.analysis.metrics import predict
 
     model = model.cpu().eval()
     ev = evaluate(model, scenario.test, scenario.trigger, scenario.target, scenario.mode)
@@ -263,7 +269,7 @@ def distill_student(
     scenario: Scenario,
     config: DistillConfig,
     *,
-    detoxifier: Detoxifier | None = None,
+    detoxifier: TeacherFilter | None = None,
     withheld: torch.Tensor | None = None,
     logit_weight: float = 0.0,
     feature_weight: float = 0.0,
@@ -277,7 +283,7 @@ def distill_student(
     ``withheld`` (bool per distillation sample) marks samples that get no teacher signal
     (cross-entropy only); ``detoxifier`` is attached to the teacher while it is read.
     """
-    from robustkd.device import resolve_device
+    from robustkd.training.device import resolve_device
 
     device = resolve_device(config.device)
     teacher.to(device)
@@ -389,7 +395,7 @@ def fine_tune(
 @torch.no_grad()
 def _prune_order(model: nn.Module, layer: str, data: ImageDataset) -> torch.Tensor:
     """Channels of ``layer`` sorted by mean activation on clean data, least active first."""
-    from robustkd.features import feature_stats
+    from robustkd.analysis.features import feature_stats
 
     stats = feature_stats(model, data, [layer], per_unit=False)[layer]
     return stats.channel_mean.argsort()
@@ -419,7 +425,7 @@ def fine_prune(
     Validation ACC for each pruning level comes from the stage's cached activations and the
     network's tail (one forward pass in all), not from a full evaluation per level.
     """
-    from robustkd.features import activations, tail_from
+    from robustkd.analysis.features import activations, tail_from
 
     model = copy.deepcopy(teacher).cpu().eval()
     layer = resolve_layers(model, "all")[-1]
@@ -467,38 +473,6 @@ def fine_prune(
 
 
 # --------------------------------------------------------------------------- entry point
-
-
-def run_method(
-    method: str,
-    teacher: nn.Module,
-    teacher_meta: dict[str, Any],
-    scenario: Scenario,
-    config: DistillConfig,
-    progress: ProgressFn | None = None,
-    shared: dict[str, Any] | None = None,
-    state_dir: Path | None = None,
-) -> MethodResult:
-    """Run the registered method ``method`` on ``scenario`` and measure it on its test set.
-
-    ``shared`` caches what several methods reuse (the threshold fit) within one comparison;
-    with ``state_dir`` every training phase saves its state after each epoch there and
-    continues from it when called again (resuming a killed run).
-    """
-    from robustkd.defenses import METHODS
-
-    return METHODS.get(method)().run(
-        teacher, teacher_meta, scenario, config, progress, shared, state_dir
-    )
-
-
-def __getattr__(name: str) -> Registry[type[Method]]:
-    # ``METHODS`` lives with the methods, which import this module: looked up on first use
-    if name == "METHODS":
-        from robustkd.defenses import METHODS
-
-        return METHODS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def screen_report(

@@ -29,9 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from robustkd.data import ImageDataset, normalize, to_float
-from robustkd.errors import CheckpointError, ConfigError
-from robustkd.features import (
+from robustkd.analysis.features import (
     LayerStats,
     capture,
     feature_stats,
@@ -40,8 +38,10 @@ from robustkd.features import (
     resolve_layers,
     variance_score,
 )
-from robustkd.sharing import view
-from robustkd.triggers import Trigger
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.datasets import ImageDataset, normalize, to_float
+from robustkd.errors import CheckpointError, ConfigError
+from robustkd.models.sharing import view
 
 GRANULARITIES = ("unit", "channel")
 
@@ -401,8 +401,8 @@ class DetoxPreview:
         batch_size: int = 2048,
         mode: str = "all-to-one",
     ) -> None:
-        from robustkd.features import activations, tail_from
-        from robustkd.metrics import backdoor_targets
+        from robustkd.analysis.features import activations, tail_from
+        from robustkd.analysis.metrics import backdoor_targets
 
         if layer not in fit.layers:
             raise ConfigError(
@@ -457,7 +457,7 @@ class DetoxPreview:
         check_threshold(threshold)
         detox = ThresholdDetox(self.fit.mask(threshold), self.fit.clean_mean, blend)
         if self.tail is None:  # untraceable model: full forward passes with the hook attached
-            from robustkd.metrics import evaluate
+            from robustkd.analysis.metrics import evaluate
 
             d = Detoxifier({self.layer: detox}, "threshold")
             model = view(self.teacher)  # per call: other callers may preview at the same time
@@ -488,7 +488,7 @@ def auto_threshold(
     ``max_acc_drop`` of the undetoxified teacher's — chosen on the defender's validation
     data (no trigger, no test images); ``candidates`` default to multiples of the clean one.
     """
-    from robustkd.metrics import evaluate
+    from robustkd.analysis.metrics import evaluate
 
     if len(validation) == 0:
         raise ConfigError("The validation set is empty; give it at least one image.")

@@ -18,17 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustkd import __version__, distributed
+from robustkd import __version__
+from robustkd.analysis.metrics import der, evaluate
 from robustkd.atomic import atomic_write, atomic_write_text
-from robustkd.checkpoints import save_checkpoint
-from robustkd.defenses import METHODS
-from robustkd.distill import DistillConfig, run_method
-from robustkd.engine import ProgressFn
+from robustkd.defenses import METHODS, run_method
 from robustkd.errors import redact_paths
-from robustkd.metrics import der, evaluate
+from robustkd.models.checkpoints import save_checkpoint
 from robustkd.models.complexity import count_flops, count_parameters
-from robustkd.runs import Run, atomic_write_json
-from robustkd.scenarios import Scenario
+from robustkd.runs.store import Run, atomic_write_json
+from robustkd.training import distributed
+from robustkd.training.distill import DistillConfig
+from robustkd.training.engine import ProgressFn
+from robustkd.training.scenarios import Scenario
 
 REFERENCE = "feature-kd"  # DER is measured against plain KD when it is in the comparison
 REPORT_COLUMNS = [
@@ -277,7 +278,7 @@ def report_csv(report: dict[str, Any]) -> str:
 
 def write_report(folder: Path, report: dict[str, Any]) -> None:
     """report.json, report.md, report.csv and figures/*.html, each written atomically."""
-    from robustkd.figures import acc_asr_bars, per_class_bars, training_curves
+    from robustkd.viz.figures import acc_asr_bars, per_class_bars, training_curves
 
     atomic_write_json(folder / "report.json", report)
     atomic_write_text(folder / "report.md", report_markdown(report))
@@ -310,10 +311,10 @@ def launch_compare(
     ``options`` maps CLI option names (without dashes, ``_`` for ``-``) to values, e.g.
     ``{"teacher": path, "scenario": "untrusted", "epochs": 2}``; the worker keeps running when
     the caller (the app) goes away. With ``$ROBUSTKD_MAX_RUNS`` workers already going, the run
-    waits in state ``queued`` and starts when one ends (``robustkd.runs.start_queued``).
+    waits in state ``queued`` and starts when one ends (``robustkd.runs.store.start_queued``).
     """
     from robustkd.errors import DataError
-    from robustkd.runs import file_sha256, max_runs, queue_worker, start_queued
+    from robustkd.runs.store import file_sha256, max_runs, queue_worker, start_queued
 
     methods = [METHODS.get(m).name for m in methods]
     max_runs()  # a bad $ROBUSTKD_MAX_RUNS is refused before a run folder is made

@@ -88,7 +88,7 @@ def _as_batch(images: torch.Tensor) -> tuple[torch.Tensor, bool]:
         kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
         raise DataError(
             f"Triggers stamp float image tensors in [0, 1], got {kind}; convert uint8 images "
-            "with robustkd.data.to_float first."
+            "with robustkd.data.datasets.to_float first."
         )
     if images.dim() == 3:
         return images.unsqueeze(0), True
@@ -216,7 +216,7 @@ def _short(value: object, limit: int = 80) -> str:
 
 def _load_rgba(source: str | Path | bytes, what: str) -> tuple[torch.Tensor, bool]:
     """Read an image file (or PNG bytes) as uint8 RGBA ``(4, h, w)`` and whether it has alpha."""
-    from robustkd.images import read_rgba
+    from robustkd.data.images import read_rgba
 
     if isinstance(source, bytes):
         data, label = source, f"embedded {what} image"

@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from robustkd.data import ImageDataset
+from robustkd.data.datasets import ImageDataset
 from robustkd.errors import ConfigError
-from robustkd.metadata import MODES
 from robustkd.models.complexity import count_flops, count_parameters
+from robustkd.models.metadata import MODES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd.checkpoints import build_recorded_model, read_metadata, save_checkpoint
-from robustkd.data import ImageDataset
+from robustkd.data.datasets import ImageDataset
 from robustkd.errors import CheckpointError, ConfigError
-from robustkd.metadata import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+from robustkd.models.checkpoints import build_recorded_model, read_metadata, save_checkpoint
 from robustkd.models.interop import (
     LAYOUTS,
     adapt_state_dict,
@@ -28,6 +27,7 @@ from robustkd.models.interop import (
     model_args_for,
     read_foreign,
 )
+from robustkd.models.metadata import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 
 NORMALIZATIONS = ("none", "dataset")
 

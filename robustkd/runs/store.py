@@ -476,7 +476,7 @@ class Run:
         in one sentence while another process works on the run); under torchrun the launching
         process holds it for its ranks.
         """
-        from robustkd import distributed
+        from robustkd.training import distributed
 
         if not self._started:
             if not distributed.launched():
@@ -846,7 +846,7 @@ class RunProgress:
 def add_source_path(env: dict[str, str]) -> dict[str, str]:
     """Put this source checkout on ``env``'s PYTHONPATH, so that a child process started
     from another folder imports this very ``robustkd`` (an installed package needs nothing)."""
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]
     if not {"site-packages", "dist-packages"} & set(source.parts):
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(source), env.get("PYTHONPATH", "")) if p

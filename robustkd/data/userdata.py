@@ -4,7 +4,7 @@
 image must share one size and one channel count) and fills ``ids`` so that each image can be
 traced back to its file. ``extract_zip`` unpacks an uploaded archive safely. Everything here
 is untrusted input: images are decoded only through the formats of the safe reader
-(``robustkd.images``), ``.npz`` files are read without pickles and their shapes are checked
+(``robustkd.data.images``), ``.npz`` files are read without pickles and their shapes are checked
 before any array is allocated, and every mistake is one ``DataError`` sentence that names the
 file at fault by its path inside the data, never a decoder's message.
 """
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from robustkd.data import IMAGE_SUFFIXES, ImageDataset, channel_stats
+from robustkd.data.datasets import IMAGE_SUFFIXES, ImageDataset, channel_stats
+from robustkd.data.images import FORMAT_NAMES, MAX_PIXELS, read_pixels
 from robustkd.errors import ConfigError, DataError
-from robustkd.images import FORMAT_NAMES, MAX_PIXELS, read_pixels
 
 DATA_KINDS = ("imagefolder", "unlabelled", "npz")
 # decoded pixels held in memory at once; a set larger than this needs a streaming pipeline

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from robustkd.data import ImageDataset, to_float, to_uint8
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.datasets import ImageDataset, to_float, to_uint8
 from robustkd.errors import ConfigError
-from robustkd.metadata import MODES
-from robustkd.triggers import Trigger
+from robustkd.models.metadata import MODES
 
 CHUNK = 4096  # images stamped at once; bounds the float copy's memory
 
@@ -86,7 +86,7 @@ def poison_dataset(
     if not isinstance(trigger, Trigger):
         raise ConfigError(
             f"poison_dataset needs a Trigger object, got {type(trigger).__name__}; build one "
-            "with robustkd.triggers.create_trigger."
+            "with robustkd.attacks.triggers.create_trigger."
         )
     n, k = len(dataset), dataset.num_classes
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkd.data import ImageDataset, to_float
+from robustkd.analysis.metrics import backdoor_targets, predict
+from robustkd.attacks.poison import MODES
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.datasets import ImageDataset, to_float
 from robustkd.errors import ConfigError, DataError
-from robustkd.metrics import backdoor_targets, predict
-from robustkd.poison import MODES
-from robustkd.triggers import Trigger
 
 
 def top_k_predictions(
@@ -117,7 +117,7 @@ def flip_grid(
     if not isinstance(trigger, Trigger):
         raise ConfigError(
             f"flip_grid needs a Trigger object, got {type(trigger).__name__}; build one with "
-            "robustkd.triggers.create_trigger."
+            "robustkd.attacks.triggers.create_trigger."
         )
     k = data.num_classes
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < k:

@@ -19,12 +19,25 @@ from torch import nn
 
 from robustkd.atomic import atomic_write_bytes
 from robustkd.errors import CheckpointError, RobustKDError
-from robustkd.metadata import MAX_METADATA_CHARS, parse_metadata
 from robustkd.models import create_model
+from robustkd.models.metadata import MAX_METADATA_CHARS, parse_metadata
 
 METADATA_KEY = "robustkd"
 FORMAT_VERSION = 1
 PT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def _default_teacher() -> Path:
+    """The shipped teacher: inside the installed package (a wheel puts ``assets/`` there as
+    ``robustkd/_assets/``), else in the checkout's ``assets/`` (a checkout or editable install)."""
+    from importlib.resources import files
+
+    name = "default_teacher.safetensors"
+    packaged = Path(str(files("robustkd") / "_assets" / name))
+    return packaged if packaged.is_file() else Path(__file__).resolve().parents[2] / "assets" / name
+
+
+DEFAULT_TEACHER = _default_teacher()
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, metadata: Mapping[str, Any]) -> Path:

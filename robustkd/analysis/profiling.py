@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from robustkd.errors import ConfigError
-from robustkd.sharing import view
+from robustkd.models.sharing import view
 
 
 def latency_per_image(

@@ -10,9 +10,9 @@ batches from a GPU generator, the step runs under bf16 autocast with channels_la
 optimiser, optionally through ``torch.compile`` (falling back to eager if it fails), and nothing
 in the step waits for the GPU: the loss is summed on the device and read once per epoch.
 
-Under torchrun (see ``robustkd.distributed``) the model is wrapped in DistributedDataParallel,
-each rank trains on its slice of every global batch, the loss is summed across ranks, and rank 0
-evaluates, reports progress and writes the state.
+Under torchrun (see ``robustkd.training.distributed``) the model is wrapped in
+DistributedDataParallel, each rank trains on its slice of every global batch, the loss is summed
+across ranks, and rank 0 evaluates, reports progress and writes the state.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkd import distributed
 from robustkd.atomic import atomic_write
-from robustkd.data import ImageDataset, normalize, to_float
-from robustkd.device import resolve_device
+from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import CheckpointError, ConfigError, RobustKDError
+from robustkd.training import distributed
+from robustkd.training.device import resolve_device
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "paper", "constant")

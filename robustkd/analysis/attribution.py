@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustkd.data import normalize
+from robustkd.analysis.features import resolve_layers
+from robustkd.data.datasets import normalize
 from robustkd.errors import ConfigError, DataError, UnknownNameError
-from robustkd.features import resolve_layers
-from robustkd.sharing import view
+from robustkd.models.sharing import view
 
 ATTRIBUTION_METHODS = ("saliency", "integrated-gradients", "layer-gradcam", "occlusion")
 
@@ -42,7 +42,7 @@ def _check_inputs(images01: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     if not images01.is_floating_point():
         raise DataError(
             f"Attributions take float images in [0, 1], got {images01.dtype}; convert uint8 "
-            "images with robustkd.data.to_float first."
+            "images with robustkd.data.datasets.to_float first."
         )
     targets = torch.as_tensor(targets).long().flatten()
     if targets.numel() != images01.shape[0]:

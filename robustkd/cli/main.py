@@ -15,21 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkd import __version__, distributed
+from robustkd import __version__
 from robustkd.errors import ConfigError, RobustKDError
-
-
-def _default_teacher() -> Path:
-    """The shipped teacher: inside the installed package (a wheel puts ``assets/`` there as
-    ``robustkd/_assets/``), else in the checkout's ``assets/`` (a checkout or editable install)."""
-    from importlib.resources import files
-
-    name = "default_teacher.safetensors"
-    packaged = Path(str(files("robustkd") / "_assets" / name))
-    return packaged if packaged.is_file() else Path(__file__).resolve().parents[1] / "assets" / name
-
-
-DEFAULT_TEACHER = _default_teacher()
+from robustkd.models.checkpoints import DEFAULT_TEACHER
+from robustkd.training import distributed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +91,7 @@ def _model_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def _options_from(args: argparse.Namespace) -> Any:
-    from robustkd.importer import ModelOptions
+    from robustkd.models.importer import ModelOptions
 
     return ModelOptions(
         architecture=args.arch,
@@ -275,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _speed_options(p: argparse.ArgumentParser) -> None:
-    from robustkd.engine import COMPILE_MODES
+    from robustkd.training.engine import COMPILE_MODES
 
     p.add_argument(
         "--nproc",
@@ -426,8 +415,8 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     """Re-run this very command as ``--nproc`` torchrun processes on this machine."""
     import subprocess
 
-    from robustkd.device import resolve_device
-    from robustkd.runs import add_source_path
+    from robustkd.runs.store import add_source_path
+    from robustkd.training.device import resolve_device
 
     nproc = args.nproc  # checked by _main
     device = resolve_device(getattr(args, "device", None) or "auto")
@@ -461,7 +450,7 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _trigger_dict(args: argparse.Namespace) -> dict[str, Any] | None:
     """The trigger the user typed, its image files read now and carried as pixels."""
-    from robustkd.triggers import trigger_from_dict
+    from robustkd.attacks.triggers import trigger_from_dict
 
     if args.trigger is None:
         if args.trigger_param:
@@ -478,8 +467,8 @@ def _trigger_dict(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
-    from robustkd.presets import preset
-    from robustkd.teacher import TeacherConfig, train_teacher
+    from robustkd.experiments.presets import preset
+    from robustkd.experiments.teacher import TeacherConfig, train_teacher
 
     values: dict[str, Any] = preset(args.preset) if args.preset else {}
     values.pop("distill", None)  # the preset's distillation plan is for distill/compare
@@ -524,7 +513,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace, data: Any | None = None) -> tuple[Any, dict[str, Any]]:
-    from robustkd.importer import load_model
+    from robustkd.models.importer import load_model
 
     device = getattr(args, "device", "cpu") or "cpu"
     return load_model(args.model, _options_from(args), data, device=device)
@@ -532,8 +521,8 @@ def _load_model(args: argparse.Namespace, data: Any | None = None) -> tuple[Any,
 
 def _load_data(name_or_path: str, split: str, root: str | None, what: str) -> Any:
     """A registered data set's split, or the user's own data at a path."""
-    from robustkd.data import DATASETS, load_dataset
-    from robustkd.userdata import load_user_data
+    from robustkd.data.datasets import DATASETS, load_dataset
+    from robustkd.data.userdata import load_user_data
 
     if name_or_path in DATASETS or not Path(name_or_path).exists():
         return load_dataset(name_or_path, split, root)
@@ -541,11 +530,11 @@ def _load_data(name_or_path: str, split: str, root: str | None, what: str) -> An
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from robustkd.checkpoints import read_metadata
-    from robustkd.device import resolve_device
-    from robustkd.metrics import evaluate
-    from robustkd.modelcard import check_fits_data, normalized_for
-    from robustkd.triggers import trigger_from_dict
+    from robustkd.analysis.metrics import evaluate
+    from robustkd.attacks.triggers import trigger_from_dict
+    from robustkd.models.checkpoints import read_metadata
+    from robustkd.models.modelcard import check_fits_data, normalized_for
+    from robustkd.training.device import resolve_device
 
     args.device = str(resolve_device(args.device))
     meta = read_metadata(args.model)
@@ -574,7 +563,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     mode = meta.get("attack_mode") or "all-to-one"
     from tqdm import tqdm
 
-    from robustkd.metrics import backdoor_targets
+    from robustkd.analysis.metrics import backdoor_targets
 
     total = len(data)  # clean images, then the triggered ones whose class is not the target
     if trigger is not None:
@@ -629,7 +618,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from robustkd.importer import import_checkpoint
+    from robustkd.models.importer import import_checkpoint
 
     extra: dict[str, Any] = {}
     trig = _trigger_dict(args)
@@ -652,7 +641,7 @@ def _import(args: argparse.Namespace) -> int:
     elif args.dataset:
         data = _load_data(args.dataset, "test", args.data_root, "test set")
     _, meta = import_checkpoint(args.source, args.out, _options_from(args), data, extra)
-    from robustkd.modelcard import input_shape_of
+    from robustkd.models.modelcard import input_shape_of
 
     c, h, w = input_shape_of(meta)
     norm = meta.get("normalization")
@@ -670,7 +659,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from robustkd.modelcard import model_card
+    from robustkd.models.modelcard import model_card
 
     args.device = "cpu"
     model, meta = _load_model(args)
@@ -711,12 +700,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from robustkd.data import dataset_names
+    from robustkd.attacks.triggers import trigger_names
+    from robustkd.data.datasets import dataset_names
     from robustkd.defenses import METHODS, method_names
+    from robustkd.experiments.presets import preset_names
     from robustkd.models import model_names
     from robustkd.models.interop import LAYOUTS
-    from robustkd.presets import preset_names
-    from robustkd.triggers import trigger_names
 
     names = {
         "models": model_names,
@@ -737,14 +726,14 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from robustkd.compare import compare
+    from robustkd.attacks.triggers import trigger_from_dict
     from robustkd.defenses import METHODS, method_names
-    from robustkd.distill import DistillConfig
-    from robustkd.importer import load_model
-    from robustkd.presets import distill_plan
-    from robustkd.runs import Run, RunCancelled, RunProgress, check_teacher, file_sha256
-    from robustkd.scenarios import DataSources, scenario_from_plan
-    from robustkd.triggers import trigger_from_dict
+    from robustkd.experiments.compare import compare
+    from robustkd.experiments.presets import distill_plan
+    from robustkd.models.importer import load_model
+    from robustkd.runs.store import Run, RunCancelled, RunProgress, check_teacher, file_sha256
+    from robustkd.training.distill import DistillConfig
+    from robustkd.training.scenarios import DataSources, scenario_from_plan
 
     plan = distill_plan(args.preset)
     values = dict(plan.get("config", {}))
@@ -889,7 +878,7 @@ def _distill(args: argparse.Namespace) -> int:
     if not writer:
         return 0
     run.finish(report)
-    from robustkd.compare import report_markdown
+    from robustkd.experiments.compare import report_markdown
 
     print(report_markdown(report))
     print(f"run folder: {run.path}")
@@ -897,7 +886,7 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _user_data(path: str | None, what: str) -> Any:
-    from robustkd.userdata import load_user_data
+    from robustkd.data.userdata import load_user_data
 
     if path is None:
         return None
@@ -905,7 +894,7 @@ def _user_data(path: str | None, what: str) -> Any:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from robustkd.runs import ACTIVE_STATES, RUNS_ENV, Run, default_runs_root, refresh_state
+    from robustkd.runs.store import ACTIVE_STATES, RUNS_ENV, Run, default_runs_root, refresh_state
 
     root = Path(args.root) if args.root else default_runs_root()
     run = Run.open(root, args.run_id)
@@ -939,7 +928,7 @@ def _resume(args: argparse.Namespace) -> int:
 
 def _check_saved_teacher(run: Any, argv: list[str]) -> None:
     """Refuse to resume with a teacher file other than the one the run started with."""
-    from robustkd.runs import check_teacher
+    from robustkd.runs.store import check_teacher
 
     teacher = str(DEFAULT_TEACHER)
     for i, a in enumerate(argv):
@@ -956,7 +945,7 @@ def _check_saved_teacher(run: Any, argv: list[str]) -> None:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from robustkd.runs import (
+    from robustkd.runs.store import (
         DAMAGED,
         default_runs_root,
         list_damaged_runs,

@@ -63,7 +63,7 @@ def _refuse(what: str) -> Callable[..., Any]:
     def refuse(*_args: Any, **_kwargs: Any) -> Any:
         raise SharedModelError(
             f"This model is shared between sessions and cannot be changed ({what}); take a "
-            "private view with robustkd.sharing.view(model) and use that."
+            "private view with robustkd.models.sharing.view(model) and use that."
         )
 
     return refuse

@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from robustkd.data import ImageDataset, normalize, to_float
+from robustkd.attacks.poison import backdoor_targets
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError
-from robustkd.poison import backdoor_targets
-from robustkd.sharing import view
-from robustkd.triggers import Trigger
+from robustkd.models.sharing import view
 
 __all__ = ["backdoor_targets", "confusion_matrix", "der", "evaluate", "predict"]
 

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from robustkd.data import ImageDataset, normalize, to_float
+from robustkd.attacks.triggers import Trigger
+from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError, UnknownNameError
-from robustkd.sharing import view
-from robustkd.triggers import Trigger
+from robustkd.models.sharing import view
 
 # --------------------------------------------------------------------------- layers and hooks
 

@@ -14,9 +14,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from robustkd.detox import LayerFit, check_threshold
+from robustkd.analysis.features import VARIANCE_FLOOR, LayerStats, top_k, variance_score
+from robustkd.defenses.detox import LayerFit, check_threshold
 from robustkd.errors import ConfigError
-from robustkd.features import VARIANCE_FLOOR, LayerStats, top_k, variance_score
 
 RATIO_SCALE = "RdBu_r"  # diverging: ratio 1 (no change) is the middle
 VALUE_SCALE = "Viridis"

@@ -1,0 +1,1 @@
+"""Analysis: features, attribution, predictions, metrics and profiling of a model."""

@@ -1,0 +1,1 @@
+"""Attacks: the triggers (one per module, in the registry ``TRIGGERS``) and poisoning."""

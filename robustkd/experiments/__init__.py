@@ -1,0 +1,1 @@
+"""Experiments: presets, teacher training and the comparison of methods."""

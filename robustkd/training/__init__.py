@@ -1,0 +1,1 @@
+"""Training: the engine, losses, devices and processes, scenarios and the distillation loops."""

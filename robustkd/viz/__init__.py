@@ -1,0 +1,1 @@
+"""Figures (Plotly) for the app and the reports."""
