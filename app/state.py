@@ -23,7 +23,7 @@ import streamlit as st
 import torch
 
 from robustkd.atomic import atomic_write_bytes
-from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.attacks import trigger_from_dict
 from robustkd.data.datasets import ImageDataset, dataset_names, load_dataset
 from robustkd.errors import ConfigError, DataError, RobustKDError, redact_paths
 from robustkd.models.checkpoints import DEFAULT_TEACHER, read_metadata
@@ -31,6 +31,9 @@ from robustkd.models.importer import ModelOptions, import_checkpoint
 from robustkd.models.importer import load_model as import_model
 from robustkd.models.modelcard import check_fits_data, normalized_for
 from robustkd.models.sharing import share
+from robustkd.runs.liveness import refresh_state
+from robustkd.runs.progress import run_label
+from robustkd.runs.queue import queue_positions
 from robustkd.runs.store import (
     DAMAGED,
     Run,
@@ -38,9 +41,6 @@ from robustkd.runs.store import (
     default_runs_root,
     list_damaged_runs,
     list_runs,
-    queue_positions,
-    refresh_state,
-    run_label,
     validate_name,
 )
 from robustkd.runs.uploads import clean_uploads, touch

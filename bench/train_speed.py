@@ -45,9 +45,10 @@ from robustkd.experiments.presets import preset
 from robustkd.experiments.teacher import TeacherConfig, train_teacher
 from robustkd.models import create_model
 from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint
+from robustkd.training.config import TrainConfig, make_optimizer
 from robustkd.training.device import device_label, resolve_device
 from robustkd.training.distill import DistillConfig, distill_student
-from robustkd.training.engine import TrainConfig, make_optimizer, train_model
+from robustkd.training.engine import train_model
 from robustkd.training.losses import FeatureDistiller, logit_kd_loss
 from robustkd.training.scenarios import build_scenario, scenario_from_plan
 

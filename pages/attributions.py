@@ -9,7 +9,7 @@ import torch
 from app.state import current_teacher, load_model, run_checkpoints, show_error, test_set_for
 from robustkd.analysis.attribution import ATTRIBUTION_METHODS, attribute, mass_in_region, overlay
 from robustkd.analysis.metrics import backdoor_targets, predict
-from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.attacks import trigger_from_dict
 from robustkd.data.datasets import to_float
 from robustkd.errors import RobustKDError
 from robustkd.models.modelcard import attack_mode_of

@@ -20,6 +20,9 @@ from robustkd.errors import ConfigError, RobustKDError, redact_paths
 from robustkd.experiments.compare import launch_compare, report_markdown
 from robustkd.experiments.presets import preset_names
 from robustkd.models import model_names
+from robustkd.runs.liveness import refresh_state
+from robustkd.runs.progress import progress_fraction, run_label
+from robustkd.runs.queue import queue_position, queue_positions, queue_worker, start_queued
 from robustkd.runs.store import (
     ACTIVE_STATES,
     DAMAGED,
@@ -27,17 +30,10 @@ from robustkd.runs.store import (
     check_teacher,
     list_damaged_runs,
     list_runs,
-    progress_fraction,
-    queue_position,
-    queue_positions,
-    queue_worker,
-    refresh_state,
-    run_label,
-    start_queued,
 )
 from robustkd.training import distributed
+from robustkd.training.config import COMPILE_MODES
 from robustkd.training.device import resolve_device
-from robustkd.training.engine import COMPILE_MODES
 from robustkd.training.scenarios import SCENARIOS
 from robustkd.viz.figures import run_curves
 

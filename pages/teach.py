@@ -19,14 +19,9 @@ import streamlit as st
 from app.state import default_teacher_path, runs_root, show_error
 from robustkd.errors import ConfigError, RobustKDError, redact_paths
 from robustkd.experiments.compare import launch_compare
-from robustkd.runs.store import (
-    ACTIVE_STATES,
-    Run,
-    list_runs,
-    queue_position,
-    refresh_state,
-    start_queued,
-)
+from robustkd.runs.liveness import refresh_state
+from robustkd.runs.queue import queue_position, start_queued
+from robustkd.runs.store import ACTIVE_STATES, Run, list_runs
 from robustkd.viz.figures import acc_asr_bars, training_curves
 
 DEMO_PRESET = "fashion-badnets-quick"

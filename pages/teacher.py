@@ -8,7 +8,7 @@ import torch
 
 from app.state import current_teacher, show_error, teacher_path, test_set_for
 from robustkd.analysis.metrics import evaluate, predict
-from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.attacks import trigger_from_dict
 from robustkd.errors import RobustKDError
 from robustkd.models.modelcard import model_card
 

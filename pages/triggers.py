@@ -9,8 +9,7 @@ import torch
 
 from app.state import current_teacher, show_error, test_set_for
 from robustkd.analysis.predictions import flip_grid, top_k_predictions
-from robustkd.attacks.poison import MODES
-from robustkd.attacks.triggers import (
+from robustkd.attacks import (
     PATCH_PATTERNS,
     POSITIONS,
     CustomTrigger,
@@ -19,6 +18,7 @@ from robustkd.attacks.triggers import (
     trigger_from_dict,
     trigger_names,
 )
+from robustkd.attacks.poison import MODES
 from robustkd.data.datasets import ImageDataset
 from robustkd.data.images import read_image, to_display
 from robustkd.errors import RobustKDError

@@ -13,12 +13,13 @@ import torch
 from app.state import current_teacher, data_key, show_error, teacher_path, test_set_for
 from robustkd.analysis.features import StatsCache, activations
 from robustkd.analysis.metrics import Evaluation, evaluate
-from robustkd.attacks.poison import MODES, poison_dataset
-from robustkd.attacks.triggers import Trigger, trigger_from_dict
-from robustkd.data.datasets import ImageDataset, defender_subset
+from robustkd.attacks import Trigger, trigger_from_dict
+from robustkd.attacks.poison import MODES
+from robustkd.data.datasets import ImageDataset
 from robustkd.defenses.detox import DetoxPreview, ThresholdFit, auto_threshold, fit_threshold
 from robustkd.errors import RobustKDError
 from robustkd.models.modelcard import attack_mode_of
+from robustkd.training.scenarios import probe_scenario
 from robustkd.viz.variance_figures import (
     activation_maps_figure,
     channel_variance_figure,
@@ -30,7 +31,6 @@ from robustkd.viz.variance_figures import (
 
 # log-spaced slider stops from 1 to 50
 THRESHOLDS = sorted({round(float(v), 2) for v in np.geomspace(1.0, 50.0, 41)})
-SEEDS = {"trusted": 0, "suspect": 1, "validation": 2}  # disjoint val subsets
 
 
 @st.cache_resource(max_entries=1)
@@ -44,6 +44,7 @@ def threshold_fit(
     model_key: str,
     trigger_json: str,
     target: int,
+    mode: str,
     size: int,
     percent: int,
     granularity: str,
@@ -51,11 +52,9 @@ def threshold_fit(
     _val: ImageDataset,
 ) -> ThresholdFit:
     """Fit on a trusted val subset against a same-size val subset, ``percent`` % triggered."""
-    trusted, t_idx = defender_subset(_val, size, seed=SEEDS["trusted"])
-    suspect, _ = defender_subset(_val, size, seed=SEEDS["suspect"], exclude=t_idx)
     trigger = trigger_from_dict(json.loads(trigger_json))
-    suspect = poison_dataset(suspect, trigger, percent / 100, target, keep_labels=True).dataset
-    return fit_threshold(_model, trusted, suspect, granularity=granularity)
+    probe = probe_scenario(_val, size, trigger, target, percent / 100, mode)
+    return fit_threshold(_model, probe.trusted, probe.suspect, granularity=granularity)
 
 
 # each entry holds the layer's activations on n clean and n triggered images
@@ -77,14 +76,6 @@ def detox_preview(
         DetoxPreview(_model, _fit, layer, sub, trigger, target, mode=mode),
         evaluate(_model, sub, trigger, target, mode),
     )
-
-
-def validation_set(val: ImageDataset, size: int) -> ImageDataset:
-    """Val images outside the trusted and suspect subsets (never test images)."""
-    _, t_idx = defender_subset(val, size, seed=SEEDS["trusted"])
-    _, s_idx = defender_subset(val, size, seed=SEEDS["suspect"], exclude=t_idx)
-    used = torch.cat([t_idx, s_idx])
-    return defender_subset(val, size, seed=SEEDS["validation"], exclude=used)[0]
 
 
 def pp(change: float) -> str:
@@ -193,7 +184,9 @@ percent = int(c2.slider("Triggered share of the suspect set (%)", 0, 50, 10, key
 granularity = c3.radio("Flag", ["unit", "channel"], horizontal=True, key="var_gran")
 trigger_json = json.dumps(trigger.to_dict(), sort_keys=True)
 try:
-    fit = threshold_fit(model_key, trigger_json, target, size, percent, granularity, model, val)
+    fit = threshold_fit(
+        model_key, trigger_json, target, mode, size, percent, granularity, model, val
+    )
     fit_key = (trigger_json, target, size, percent, granularity, mode)
     preview, base = detox_preview(model_key, fit_key, layer, n, model, fit, data)
 except RobustKDError as exc:
@@ -208,7 +201,8 @@ with right:
         # judged on this layer alone, as the preview detoxifies this layer alone
         one_layer = ThresholdFit({layer: fit.layers[layer]}, fit.granularity, fit.calibration)
         try:
-            auto = round(auto_threshold(model, one_layer, validation_set(val, size)), 3)
+            validation = probe_scenario(val, size).validation
+            auto = round(auto_threshold(model, one_layer, validation), 3)
         except RobustKDError as exc:
             show_error(exc)
         else:

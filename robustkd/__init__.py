@@ -13,8 +13,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from robustkd.analysis.metrics import der, evaluate
+from robustkd.attacks import create_trigger, trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
-from robustkd.attacks.triggers import create_trigger, trigger_from_dict
 from robustkd.data.datasets import ImageDataset, defender_subset, load_dataset
 from robustkd.errors import RobustKDError
 from robustkd.models import create_model, model_names

@@ -12,7 +12,7 @@ import torch
 
 from robustkd.data.datasets import ImageDataset, load_dataset
 from robustkd.experiments.teacher import TeacherConfig, train_teacher
-from robustkd.training.engine import TrainConfig
+from robustkd.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -204,11 +204,11 @@ def test_launch_passes_the_uploaded_data_and_teacher_options(
     small_test: ImageDataset,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from robustkd.runs import store as runs_module
+    from robustkd.runs import queue as runs_queue
 
     started: list[list[str]] = []
     monkeypatch.setattr(
-        runs_module, "launch_worker", lambda argv, run, *a, **k: started.append(argv)
+        runs_queue, "launch_worker", lambda argv, run, *a, **k: started.append(argv)
     )
     use_teacher(app, "bare.pt", state_dict_bytes("small-cnn"), arch="small-cnn")
     upload_data(app, "distill", "pool.npz", npz_bytes(small_train.subset(range(200)), False))

@@ -23,8 +23,8 @@ from robustkd.analysis.attribution import attribute
 from robustkd.analysis.features import activations, capture, feature_stats, tail_from
 from robustkd.analysis.metrics import evaluate, predict
 from robustkd.analysis.predictions import flip_grid
+from robustkd.attacks import trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
-from robustkd.attacks.triggers import trigger_from_dict
 from robustkd.data.datasets import ImageDataset, load_dataset, to_float
 from robustkd.defenses.detox import (
     Detoxifier,

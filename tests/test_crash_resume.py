@@ -13,7 +13,8 @@ import pytest
 
 from robustkd.cli.main import main
 from robustkd.experiments.compare import launch_compare
-from robustkd.runs.store import Run, refresh_state
+from robustkd.runs.liveness import refresh_state
+from robustkd.runs.store import Run
 
 OPTIONS = {
     "distill_size": 1500,

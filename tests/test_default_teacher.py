@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from robustkd.analysis.metrics import evaluate
-from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.attacks import trigger_from_dict
 from robustkd.data.datasets import load_dataset
 from robustkd.models import model_names
 from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint

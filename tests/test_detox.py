@@ -12,8 +12,8 @@ from torch import nn
 
 from robustkd.analysis.features import activations, feature_stats, variance_score
 from robustkd.analysis.metrics import evaluate
+from robustkd.attacks import Trigger, create_trigger
 from robustkd.attacks.poison import Poisoning, poison_dataset
-from robustkd.attacks.triggers import Trigger, create_trigger
 from robustkd.data.datasets import ImageDataset
 from robustkd.defenses.detox import (
     Detoxifier,

@@ -16,7 +16,7 @@ from robustkd.models import create_model
 from robustkd.models.checkpoints import load_checkpoint, save_checkpoint
 from robustkd.runs.store import Run
 from robustkd.training.distill import DistillConfig
-from robustkd.training.scenarios import build_scenario
+from robustkd.training.scenarios import build_scenario, probe_scenario
 
 TINY = {"distill_size": 300, "trusted_size": 100, "test_size": 200}
 
@@ -55,6 +55,25 @@ def test_untrusted_scenario_sizes(scenario) -> None:
 def test_clean_scenario_has_no_trigger_in_the_data(teacher) -> None:
     sc = build_scenario("clean", teacher[1], **TINY)
     assert int(sc.poisoned_mask.sum()) == 0 and sc.trigger is not None  # ASR still measured
+
+
+def test_probe_scenario_draws_three_disjoint_subsets_and_plants_the_share() -> None:
+    from robustkd import create_trigger, load_dataset
+
+    val = load_dataset("fashion-mnist", "val").subset(range(600))
+    trigger = create_trigger("badnets")
+    probe = probe_scenario(val, 150, trigger, target=0, rate=0.2)
+    seen = [{bytes(x.numpy()) for x in d.images} for d in (probe.trusted, probe.validation)]
+    assert len(probe.trusted) == len(probe.suspect) == len(probe.validation) == 150
+    assert not seen[0] & seen[1]
+    again = probe_scenario(val, 150, trigger, target=0, rate=0.2)  # the same for every call
+    assert torch.equal(again.suspect.images, probe.suspect.images)
+    clean = probe_scenario(val, 150)
+    changed = (clean.suspect.images != probe.suspect.images).flatten(1).any(1)
+    assert int(changed.sum()) == 30  # 20 % triggered, labels kept
+    assert torch.equal(clean.suspect.labels, probe.suspect.labels)
+    with pytest.raises(ConfigError):
+        probe_scenario(val, 150, trigger, target=None, rate=0.2)
 
 
 def test_teacher_train_rebuilds_the_poisoned_training_set(teacher) -> None:

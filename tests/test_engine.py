@@ -10,13 +10,9 @@ from robustkd.analysis.metrics import evaluate
 from robustkd.data.datasets import ImageDataset
 from robustkd.errors import ConfigError
 from robustkd.models import create_model
-from robustkd.training.engine import (
-    DivergedError,
-    TrainConfig,
-    augment_batch,
-    lr_factor,
-    train_model,
-)
+from robustkd.training.augment import augment_batch
+from robustkd.training.config import DivergedError, TrainConfig, lr_factor
+from robustkd.training.engine import train_model
 
 
 def _config(**kw: object) -> TrainConfig:

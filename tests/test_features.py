@@ -22,8 +22,8 @@ from robustkd.analysis.features import (
     top_k,
     variance_score,
 )
+from robustkd.attacks import create_trigger
 from robustkd.attacks.poison import poison_dataset
-from robustkd.attacks.triggers import create_trigger
 from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError, UnknownNameError
 from robustkd.models import create_model

@@ -17,8 +17,9 @@ from robustkd.data.datasets import ImageDataset
 from robustkd.defenses import run_method
 from robustkd.models import create_model
 from robustkd.models.checkpoints import load_checkpoint
+from robustkd.training.config import TrainConfig, TrainEvent
 from robustkd.training.distill import DistillConfig
-from robustkd.training.engine import TrainConfig, TrainEvent, train_model
+from robustkd.training.engine import train_model
 from robustkd.training.scenarios import build_scenario
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -12,7 +12,7 @@ from robustkd.analysis.metrics import (
     per_class_accuracy,
     predict,
 )
-from robustkd.attacks.triggers import create_trigger
+from robustkd.attacks import create_trigger
 from robustkd.data.datasets import ImageDataset
 from robustkd.errors import ConfigError
 

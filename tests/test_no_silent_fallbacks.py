@@ -13,7 +13,7 @@ import robustkd.defenses.base as method_base
 import robustkd.defenses.learned_detox as learned_detox
 import robustkd.training.distill as distill_module
 from robustkd.analysis.metrics import evaluate
-from robustkd.attacks.triggers import create_trigger
+from robustkd.attacks import create_trigger
 from robustkd.cli.main import main
 from robustkd.defenses import run_method
 from robustkd.errors import ConfigError

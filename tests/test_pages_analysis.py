@@ -21,12 +21,13 @@ from torch import nn
 
 from robustkd.analysis.attribution import ATTRIBUTION_METHODS, attribute, mass_in_region, overlay
 from robustkd.analysis.profiling import latency_per_image, report_rows
-from robustkd.attacks.triggers import BadNetsTrigger
+from robustkd.attacks import BadNetsTrigger
 from robustkd.errors import UnknownNameError
 from robustkd.experiments.compare import compare
 from robustkd.models import create_model
 from robustkd.models.checkpoints import load_checkpoint
-from robustkd.runs.store import TERMINAL_STATES, Run, list_runs, refresh_state
+from robustkd.runs.liveness import refresh_state
+from robustkd.runs.store import TERMINAL_STATES, Run, list_runs
 from robustkd.training.distill import DistillConfig
 from robustkd.training.scenarios import build_scenario
 from tests.conftest import ROOT

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 from robustkd.analysis.features import LayerStats
 from robustkd.analysis.metrics import evaluate, predict
 from robustkd.analysis.predictions import flip_grid, top_k_predictions
-from robustkd.attacks.triggers import create_trigger, trigger_names
+from robustkd.attacks import create_trigger, trigger_names
 from robustkd.data.datasets import ImageDataset
 from robustkd.data.images import read_image, to_display
 from robustkd.defenses.detox import LayerFit

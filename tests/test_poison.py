@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from robustkd.attacks import BadNetsTrigger, BlendTrigger, WaNetTrigger
 from robustkd.attacks.poison import Poisoning, backdoor_targets, poison_dataset
-from robustkd.attacks.triggers import BadNetsTrigger, BlendTrigger, WaNetTrigger
 from robustkd.data.datasets import ImageDataset, to_float, to_uint8
 from robustkd.errors import ConfigError
 

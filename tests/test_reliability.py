@@ -13,7 +13,8 @@ from streamlit.testing.v1 import AppTest
 
 from robustkd.cli.main import main
 from robustkd.experiments.compare import launch_compare
-from robustkd.runs.store import Run, refresh_state
+from robustkd.runs.liveness import refresh_state
+from robustkd.runs.store import Run
 from tests.conftest import ROOT
 
 MAIN = str(ROOT / "app" / "main.py")

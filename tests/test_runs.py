@@ -17,21 +17,21 @@ from torch import nn
 
 from robustkd.data.datasets import ImageDataset
 from robustkd.errors import ConfigError, RobustKDError
+from robustkd.runs import queue as runs_queue
 from robustkd.runs import store as runs
+from robustkd.runs.liveness import is_alive, refresh_state
+from robustkd.runs.progress import RunProgress, eta_seconds
+from robustkd.runs.queue import launch_worker
 from robustkd.runs.store import (
     Run,
     RunCancelled,
-    RunProgress,
     append_jsonl,
     atomic_write_json,
     atomic_write_text,
-    eta_seconds,
-    is_alive,
-    launch_worker,
     list_runs,
-    refresh_state,
 )
-from robustkd.training.engine import TrainConfig, TrainEvent, train_model
+from robustkd.training.config import TrainConfig, TrainEvent
+from robustkd.training.engine import train_model
 
 
 @pytest.fixture()
@@ -482,7 +482,7 @@ def test_launch_worker_failure_marks_run_failed(
     root: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     run = Run.create(root, "train", {})
-    monkeypatch.setattr(runs.sys, "executable", str(tmp_path / "no-python"))
+    monkeypatch.setattr(runs_queue.sys, "executable", str(tmp_path / "no-python"))
     with pytest.raises(RobustKDError, match="could not start"):
         launch_worker(["-c", "pass"], run, module=None)
     assert run.status()["state"] == "failed"

@@ -17,19 +17,20 @@ import pytest
 from robustkd.cli.main import main
 from robustkd.errors import ConfigError, RobustKDError, redact_paths
 from robustkd.experiments.compare import launch_compare
+from robustkd.runs.liveness import process_start_time, refresh_state
+from robustkd.runs.queue import (
+    launch_worker,
+    max_runs,
+    queue_position,
+    queue_worker,
+    start_queued,
+)
 from robustkd.runs.store import (
     DIED_MESSAGE,
     Run,
     file_sha256,
-    launch_worker,
     list_damaged_runs,
     list_runs,
-    max_runs,
-    process_start_time,
-    queue_position,
-    queue_worker,
-    refresh_state,
-    start_queued,
 )
 from robustkd.runs.uploads import clean_uploads, upload_days
 from tests.conftest import ROOT

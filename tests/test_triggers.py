@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from robustkd.attacks.triggers import (
+from robustkd.attacks import (
     TRIGGERS,
     BadNetsTrigger,
     BlendTrigger,

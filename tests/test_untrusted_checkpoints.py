@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from robustkd.attacks.triggers import trigger_from_dict
+from robustkd.attacks import trigger_from_dict
 from robustkd.cli.main import main
 from robustkd.errors import CheckpointError, ConfigError, DataError, RobustKDError
 from robustkd.models import create_model

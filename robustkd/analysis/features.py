@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from robustkd.attacks.triggers import Trigger
+from robustkd.attacks import Trigger
 from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError, UnknownNameError
 from robustkd.models.sharing import view

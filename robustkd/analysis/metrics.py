@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from robustkd.attacks import Trigger
 from robustkd.attacks.poison import backdoor_targets
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError
 from robustkd.models.sharing import view

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from robustkd.analysis.metrics import backdoor_targets, predict
+from robustkd.attacks import Trigger
 from robustkd.attacks.poison import MODES
-from robustkd.attacks.triggers import Trigger
 from robustkd.data.datasets import ImageDataset, to_float
 from robustkd.errors import ConfigError, DataError
 
@@ -117,7 +117,7 @@ def flip_grid(
     if not isinstance(trigger, Trigger):
         raise ConfigError(
             f"flip_grid needs a Trigger object, got {type(trigger).__name__}; build one with "
-            "robustkd.attacks.triggers.create_trigger."
+            "robustkd.attacks.create_trigger."
         )
     k = data.num_classes
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < k:

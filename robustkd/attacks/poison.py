@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from robustkd.attacks.triggers import Trigger
+from robustkd.attacks.base import Trigger
 from robustkd.data.datasets import ImageDataset, to_float, to_uint8
 from robustkd.errors import ConfigError
 from robustkd.models.metadata import MODES
@@ -86,7 +86,7 @@ def poison_dataset(
     if not isinstance(trigger, Trigger):
         raise ConfigError(
             f"poison_dataset needs a Trigger object, got {type(trigger).__name__}; build one "
-            "with robustkd.attacks.triggers.create_trigger."
+            "with robustkd.attacks.create_trigger."
         )
     n, k = len(dataset), dataset.num_classes
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:

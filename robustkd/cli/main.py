@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _speed_options(p: argparse.ArgumentParser) -> None:
-    from robustkd.training.engine import COMPILE_MODES
+    from robustkd.training.config import COMPILE_MODES
 
     p.add_argument(
         "--nproc",
@@ -415,7 +415,7 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     """Re-run this very command as ``--nproc`` torchrun processes on this machine."""
     import subprocess
 
-    from robustkd.runs.store import add_source_path
+    from robustkd.runs.queue import add_source_path
     from robustkd.training.device import resolve_device
 
     nproc = args.nproc  # checked by _main
@@ -450,7 +450,7 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _trigger_dict(args: argparse.Namespace) -> dict[str, Any] | None:
     """The trigger the user typed, its image files read now and carried as pixels."""
-    from robustkd.attacks.triggers import trigger_from_dict
+    from robustkd.attacks import trigger_from_dict
 
     if args.trigger is None:
         if args.trigger_param:
@@ -531,7 +531,7 @@ def _load_data(name_or_path: str, split: str, root: str | None, what: str) -> An
 
 def _evaluate(args: argparse.Namespace) -> int:
     from robustkd.analysis.metrics import evaluate
-    from robustkd.attacks.triggers import trigger_from_dict
+    from robustkd.attacks import trigger_from_dict
     from robustkd.models.checkpoints import read_metadata
     from robustkd.models.modelcard import check_fits_data, normalized_for
     from robustkd.training.device import resolve_device
@@ -700,7 +700,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from robustkd.attacks.triggers import trigger_names
+    from robustkd.attacks import trigger_names
     from robustkd.data.datasets import dataset_names
     from robustkd.defenses import METHODS, method_names
     from robustkd.experiments.presets import preset_names
@@ -726,12 +726,13 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from robustkd.attacks.triggers import trigger_from_dict
+    from robustkd.attacks import trigger_from_dict
     from robustkd.defenses import METHODS, method_names
     from robustkd.experiments.compare import compare
     from robustkd.experiments.presets import distill_plan
     from robustkd.models.importer import load_model
-    from robustkd.runs.store import Run, RunCancelled, RunProgress, check_teacher, file_sha256
+    from robustkd.runs.progress import RunProgress
+    from robustkd.runs.store import Run, RunCancelled, check_teacher, file_sha256
     from robustkd.training.distill import DistillConfig
     from robustkd.training.scenarios import DataSources, scenario_from_plan
 
@@ -894,7 +895,8 @@ def _user_data(path: str | None, what: str) -> Any:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from robustkd.runs.store import ACTIVE_STATES, RUNS_ENV, Run, default_runs_root, refresh_state
+    from robustkd.runs.liveness import refresh_state
+    from robustkd.runs.store import ACTIVE_STATES, RUNS_ENV, Run, default_runs_root
 
     root = Path(args.root) if args.root else default_runs_root()
     run = Run.open(root, args.run_id)
@@ -945,15 +947,10 @@ def _check_saved_teacher(run: Any, argv: list[str]) -> None:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from robustkd.runs.store import (
-        DAMAGED,
-        default_runs_root,
-        list_damaged_runs,
-        list_runs,
-        queue_positions,
-        refresh_state,
-        run_label,
-    )
+    from robustkd.runs.liveness import refresh_state
+    from robustkd.runs.progress import run_label
+    from robustkd.runs.queue import queue_positions
+    from robustkd.runs.store import DAMAGED, default_runs_root, list_damaged_runs, list_runs
 
     root = args.root or default_runs_root()
     rows = []

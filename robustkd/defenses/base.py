@@ -21,6 +21,7 @@ from torch import nn
 
 from robustkd.defenses.detox import Detoxifier
 from robustkd.registry import Registry
+from robustkd.training.config import ProgressFn
 from robustkd.training.distill import (
     DistillConfig,
     MethodResult,
@@ -29,7 +30,6 @@ from robustkd.training.distill import (
     student_for,
     teacher_predictions,
 )
-from robustkd.training.engine import ProgressFn
 from robustkd.training.scenarios import Scenario
 
 Produces = Literal["student", "teacher"]

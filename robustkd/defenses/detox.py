@@ -38,7 +38,7 @@ from robustkd.analysis.features import (
     resolve_layers,
     variance_score,
 )
-from robustkd.attacks.triggers import Trigger
+from robustkd.attacks import Trigger
 from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import CheckpointError, ConfigError
 from robustkd.models.sharing import view

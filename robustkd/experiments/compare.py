@@ -27,8 +27,8 @@ from robustkd.models.checkpoints import save_checkpoint
 from robustkd.models.complexity import count_flops, count_parameters
 from robustkd.runs.store import Run, atomic_write_json
 from robustkd.training import distributed
+from robustkd.training.config import ProgressFn
 from robustkd.training.distill import DistillConfig
-from robustkd.training.engine import ProgressFn
 from robustkd.training.scenarios import Scenario
 
 REFERENCE = "feature-kd"  # DER is measured against plain KD when it is in the comparison
@@ -311,10 +311,11 @@ def launch_compare(
     ``options`` maps CLI option names (without dashes, ``_`` for ``-``) to values, e.g.
     ``{"teacher": path, "scenario": "untrusted", "epochs": 2}``; the worker keeps running when
     the caller (the app) goes away. With ``$ROBUSTKD_MAX_RUNS`` workers already going, the run
-    waits in state ``queued`` and starts when one ends (``robustkd.runs.store.start_queued``).
+    waits in state ``queued`` and starts when one ends (``robustkd.runs.queue.start_queued``).
     """
     from robustkd.errors import DataError
-    from robustkd.runs.store import file_sha256, max_runs, queue_worker, start_queued
+    from robustkd.runs.queue import max_runs, queue_worker, start_queued
+    from robustkd.runs.store import file_sha256
 
     methods = [METHODS.get(m).name for m in methods]
     max_runs()  # a bad $ROBUSTKD_MAX_RUNS is refused before a run folder is made

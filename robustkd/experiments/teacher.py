@@ -13,21 +13,16 @@ from torch import nn
 
 from robustkd import __version__
 from robustkd.analysis.metrics import evaluate
+from robustkd.attacks import trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
-from robustkd.attacks.triggers import trigger_from_dict
 from robustkd.data.datasets import load_dataset
 from robustkd.errors import ConfigError
 from robustkd.models import create_model
 from robustkd.models.checkpoints import save_checkpoint
 from robustkd.models.complexity import count_flops, count_parameters
 from robustkd.training import distributed
-from robustkd.training.engine import (
-    ProgressFn,
-    TrainConfig,
-    check_options,
-    seed_everything,
-    train_model,
-)
+from robustkd.training.config import ProgressFn, TrainConfig, check_options, seed_everything
+from robustkd.training.engine import train_model
 
 
 @dataclasses.dataclass

@@ -17,10 +17,13 @@ or appended line by line, so polling a run while its worker writes is always saf
 
 One worker per run: the launcher takes the run's worker lock before the worker process exists
 and hands it over (an inherited descriptor), so a second launch, resume or double click is
-refused at once, and the lock goes away with the process however it ends. The app starts at
-most ``$ROBUSTKD_MAX_RUNS`` workers per runs folder (default 2); the others wait in state
-``queued`` and start, oldest first, when a worker ends (the ending worker starts the next one)
-or when the app polls after a crash.
+refused at once, and the lock goes away with the process however it ends.
+
+This module holds the run folder model: the constants (states, file and environment names),
+``RunCancelled``, the JSON file helpers, ``validate_name``, the ``Run`` class, listing
+(``list_runs``, ``list_damaged_runs``) and the teacher check. Liveness is in
+``robustkd.runs.liveness``, progress in ``robustkd.runs.progress``, and launching and queueing
+workers in ``robustkd.runs.queue``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
-import shlex
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -78,9 +76,6 @@ _QUEUE_LOCK_FILE = ".queue.lock"  # in the runs root: one scheduling decision at
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 
-# Workers this process launched, so that ``is_alive`` can reap them (an exited child stays a
-# zombie, which ``os.kill(pid, 0)`` still reports as alive, until its parent waits for it).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 # Worker locks this process holds: run folder → [descriptor, holders] (re-entrant, so that
 # ``resume`` can hold the lock and the ``compare`` it runs in-process can take it again).
 _HELD: dict[Path, list[int]] = {}
@@ -476,6 +471,7 @@ class Run:
         in one sentence while another process works on the run); under torchrun the launching
         process holds it for its ranks.
         """
+        from robustkd.runs.liveness import process_start_time
         from robustkd.training import distributed
 
         if not self._started:
@@ -501,6 +497,8 @@ class Run:
             (self._path / CANCEL_FILE).unlink()
         status = self.update_status(eta_seconds=None, finished=_now(), **fields)
         if self._started:  # the worker ends: its slot goes to the queue
+            from robustkd.runs.queue import start_queued
+
             self._started = False
             if self._locked_by_start:
                 self._locked_by_start = False
@@ -583,98 +581,7 @@ class Run:
         return _inside(self.checkpoints_dir, name, "checkpoint name")
 
 
-# --------------------------------------------------------------------------- liveness
-
-
-def process_start_time(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22);
-    None where there is no ``/proc`` (macOS, Windows) or no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat.rsplit(")", 1)[-1].split()  # the name in parentheses may hold spaces
-    try:
-        return int(fields[19])  # fields[0] is field 3 (the state)
-    except (IndexError, ValueError):
-        return None
-
-
-def is_alive(pid: int, started: int | None = None) -> bool:
-    """Whether process ``pid`` is still running on this machine (zombies count as dead).
-
-    With ``started`` (``process_start_time`` recorded when the worker began), a process that
-    merely reuses the pid after the worker died counts as dead too; where start times are
-    unknown, only the pid is checked.
-    """
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False  # os.kill(0 or -n, …) would address process groups
-    child = _CHILDREN.get(pid)
-    if child is not None:  # our own unreaped child: its pid cannot have been reused
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    if isinstance(started, int) and not isinstance(started, bool):
-        now = process_start_time(pid)
-        if now is not None and now != started:
-            return False  # the pid belongs to another process now
-    if os.name == "nt":  # pragma: no cover - os.kill would terminate the process
-        return _windows_alive(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False  # no /proc (macOS) or it just went away
-    fields = stat.rsplit(")", 1)[-1].split()
-    return bool(fields) and fields[0] in ("Z", "X")
-
-
-def _windows_alive(pid: int) -> bool:  # pragma: no cover - Windows
-    import ctypes
-
-    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return False
-    try:
-        code = ctypes.c_ulong()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-            return False
-        return code.value == 259  # STILL_ACTIVE
-    finally:
-        kernel32.CloseHandle(handle)
-
-
-def refresh_state(run: Run) -> dict[str, Any]:
-    """The run's status, after marking it ``failed`` if its worker died without saying so."""
-
-    def change(status: dict[str, Any]) -> dict[str, Any] | None:
-        pid, started = status.get("pid"), status.get("pid_start")
-        if (
-            status.get("state") in ACTIVE_STATES
-            and isinstance(pid, int)
-            and not is_alive(pid, started if isinstance(started, int) else None)
-        ):
-            return {"state": "failed", "message": DIED_MESSAGE, "eta_seconds": None}
-        return None
-
-    status = run.status()
-    if change(status) is None:
-        return status
-    # Re-check under the lock: the worker may have finished between the read and the check.
-    return run._modify_status(change)
+# --------------------------------------------------------------------------- listing
 
 
 @dataclass(frozen=True)
@@ -748,337 +655,6 @@ def list_damaged_runs(root: str | Path | None = None) -> list[DamagedRun]:
     return _scan(default_runs_root() if root is None else Path(root))[1]
 
 
-def run_label(status: Mapping[str, Any], position: int | None = None) -> str:
-    """A run's state as listings show it: ``queued (position N)`` while it waits its turn."""
-    state = str(status.get("state"))
-    return f"{state} (position {position})" if state == "queued" and position else state
-
-
-# --------------------------------------------------------------------------- progress
-
-
-def eta_seconds(elapsed: float, done: int, total: int) -> float | None:
-    """Seconds left if the remaining ``total - done`` units go at the rate seen so far."""
-    try:
-        if done <= 0 or total <= 0 or elapsed < 0 or not math.isfinite(elapsed):
-            return None
-    except TypeError:
-        return None
-    if done >= total:
-        return 0.0
-    return elapsed / done * (total - done)
-
-
-class RunProgress:
-    """Progress callback for ``train_model`` that keeps a run's status and metrics current.
-
-    ``step`` events update ``status.json`` at most every ``interval`` seconds; ``epoch``
-    events append ``{"phase", "epoch", **metrics}`` to ``metrics.jsonl`` and update the
-    status. Raises ``RunCancelled`` once the run's cancel was requested. ``inner`` (a tqdm
-    bar's callback, say) receives every event first.
-    """
-
-    def __init__(
-        self,
-        run: Run,
-        phase: str = "",
-        inner: Callable[[Any], Any] | None = None,
-        *,
-        interval: float = 0.5,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.run = run
-        self.phase = phase
-        self.inner = inner
-        self.interval = interval
-        self._clock = clock
-        self._started = clock()
-        self._last_write = -math.inf
-        self._base_units: int | None = None  # units already done when we first heard
-
-    def __call__(self, event: Any) -> None:
-        if self.inner is not None:
-            self.inner(event)
-        kind = getattr(event, "kind", None)
-        if kind in ("step", "epoch"):
-            now = self._clock()
-            if kind == "epoch":
-                self._on_epoch(event, now)
-            elif now - self._last_write >= self.interval:
-                self._write_status(event, now)
-        if self.run.cancel_requested():
-            raise RunCancelled()
-
-    def _on_epoch(self, event: Any, now: float) -> None:
-        metrics = dict(getattr(event, "metrics", None) or {})
-        record: dict[str, Any] = {"phase": self.phase, "epoch": event.epoch}
-        if not metrics:
-            record.update(loss=getattr(event, "loss", None), seconds=getattr(event, "seconds", 0))
-        record.update(metrics)
-        record.setdefault("time", _now())
-        self.run.log_metrics(record)
-        self._write_status(event, now)
-
-    def _write_status(self, event: Any, now: float) -> None:
-        epoch, epochs = int(event.epoch), int(event.epochs)
-        step, steps = int(event.step), int(event.steps)
-        done = (epoch - 1) * steps + step
-        if self._base_units is None:  # e.g. resumed at a later epoch: time only what we saw
-            self._base_units = done - (steps if event.kind == "epoch" else 1)
-        eta = eta_seconds(
-            now - self._started, done - self._base_units, epochs * steps - self._base_units
-        )
-        self.run.update_status(
-            phase=self.phase,
-            epoch=epoch,
-            epochs=epochs,
-            step=step,
-            steps=steps,
-            loss=getattr(event, "loss", None),
-            eta_seconds=None if eta is None else round(eta, 1),
-        )
-        self._last_write = now
-
-
-# --------------------------------------------------------------------------- workers
-
-
-def add_source_path(env: dict[str, str]) -> dict[str, str]:
-    """Put this source checkout on ``env``'s PYTHONPATH, so that a child process started
-    from another folder imports this very ``robustkd`` (an installed package needs nothing)."""
-    source = Path(__file__).resolve().parents[2]
-    if not {"site-packages", "dist-packages"} & set(source.parts):
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(source), env.get("PYTHONPATH", "")) if p
-        )
-    return env
-
-
-def launch_worker(
-    argv: list[str],
-    run: Run,
-    module: str | None = "robustkd",
-    cwd: str | Path | None = None,
-    *,
-    lock_fd: int | None = None,
-) -> int:
-    """Start ``python -m <module> *argv`` detached in the background for ``run``; return its pid.
-
-    With ``module=None`` the interpreter gets ``argv`` directly (e.g. ``["-c", code]``). The
-    worker's stdout and stderr go to the run's ``log.txt``, stdin is closed, it runs in a new
-    session (so it outlives the app), ``$ROBUSTKD_RUNS`` points at the run's root, and its pid
-    goes into ``status.json``. The run's worker lock is taken here, before the process exists,
-    and handed to it: while a worker of the run lives, a second launch is refused in one
-    sentence (``lock_fd``: the lock, already taken by the caller). Starts at once, whatever the
-    limit; ``queue_worker`` + ``start_queued`` respect it.
-    """
-    if lock_fd is not None:
-        return _spawn(argv, run, module, cwd, lock_fd)
-    fd = run._try_worker_lock()
-    if fd is None:
-        raise RobustKDError(
-            f"Run {run.id!r} already has a worker (a launch or resume that is still going); "
-            "wait for it to finish or cancel it first."
-        )
-    try:
-        return _spawn(argv, run, module, cwd, fd)
-    finally:
-        os.close(fd)  # the worker keeps its own copy of the lock
-
-
-def _spawn(
-    argv: list[str], run: Run, module: str | None, cwd: str | Path | None, lock_fd: int
-) -> int:
-    args = [str(a) for a in argv]
-    cmd = [sys.executable, *(["-m", module] if module else []), *args]
-    env = dict(os.environ)
-    env[RUNS_ENV] = str(run.root.resolve())
-    env["PYTHONUNBUFFERED"] = "1"
-    if module and module.split(".")[0] == "robustkd":
-        add_source_path(env)
-    options: dict[str, Any] = {}
-    if os.name == "nt":  # pragma: no cover - Windows
-        options["creationflags"] = (
-            subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS  # type: ignore[attr-defined]
-        )
-    else:
-        options["start_new_session"] = True
-        options["pass_fds"] = (lock_fd,)
-        env[WORKER_LOCK_ENV] = f"{lock_fd}:{run.path.resolve()}"
-    with open(run.log_path, "ab") as log:
-        log.write(f"[{_now()}] $ {shlex.join(cmd)}\n".encode())
-        log.flush()
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=env,
-                close_fds=True,
-                **options,
-            )
-        except OSError as exc:
-            message = f"could not start the worker ({exc}); check the Python installation"
-            run.fail(message)
-            raise RobustKDError(f"Run {run.id!r} {message}.") from exc
-    _CHILDREN[proc.pid] = proc
-    run.update_status(pid=proc.pid, pid_start=process_start_time(proc.pid), argv=args)
-    return proc.pid
-
-
-# --------------------------------------------------------------------------- the queue
-
-
-def max_runs() -> int:
-    """How many workers the app runs at once per runs folder: ``$ROBUSTKD_MAX_RUNS``, else 2."""
-    raw = os.environ.get(MAX_RUNS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_RUNS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(
-            f"${MAX_RUNS_ENV} must be a whole number of runs, 1 or more (got {raw!r}); fix it "
-            f"or unset it for the default of {DEFAULT_MAX_RUNS}."
-        )
-    return value
-
-
-@contextlib.contextmanager
-def _queue_lock(root: Path) -> Iterator[None]:
-    # one scheduling decision at a time per runs folder (two sessions launching together)
-    if fcntl is None:  # pragma: no cover - Windows
-        yield
-        return
-    try:
-        fh = open(root / _QUEUE_LOCK_FILE, "a")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise RobustKDError(
-            f"Cannot write in the runs folder ({exc.strerror or exc}); make it writable or "
-            f"choose another one (${RUNS_ENV})."
-        ) from exc
-    with fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _waiting(status: Mapping[str, Any]) -> bool:
-    """Queued, with a worker command to start and no worker yet."""
-    return (
-        status.get("state") == "queued"
-        and status.get("pid") is None
-        and isinstance(status.get("worker"), list)
-    )
-
-
-def queue_worker(run: Run, argv: list[str], module: str | None = "robustkd") -> dict[str, Any]:
-    """Put ``run`` in the queue: its worker ``python -m <module> *argv`` starts when a slot is
-    free (``start_queued``). For a new run, or a failed or cancelled one to resume."""
-    if run.worker_busy():
-        raise RobustKDError(
-            f"Run {run.id!r} already has a worker (a launch or resume that is still going); "
-            "wait for it to finish or cancel it first."
-        )
-    refresh_state(run)
-
-    def change(status: dict[str, Any]) -> dict[str, Any]:
-        state = status.get("state")
-        fresh = state == "queued" and status.get("pid") is None and not status.get("worker")
-        if not fresh and state not in ("failed", "cancelled"):
-            raise ConfigError(
-                f"Run {run.id!r} is {state}; only a new, failed or cancelled run can be "
-                "queued — wait for it or cancel it first."
-            )
-        return {
-            "state": "queued",
-            "pid": None,
-            "pid_start": None,
-            "worker": [str(a) for a in argv],
-            "worker_module": module,
-            "queued": _now(),
-            "message": QUEUED_MESSAGE,
-            "eta_seconds": None,
-        }
-
-    return run._modify_status(change)
-
-
-def _statuses(root: Path) -> list[tuple[Run, dict[str, Any]]]:
-    out = []
-    for run in list_runs(root):
-        with contextlib.suppress(RobustKDError, OSError):
-            out.append((run, refresh_state(run)))
-    return out
-
-
-def _in_queue(statuses: list[tuple[Run, dict[str, Any]]]) -> list[tuple[Run, dict[str, Any]]]:
-    waiting = [(r, s) for r, s in statuses if _waiting(s)]
-    waiting.sort(key=lambda rs: (str(rs[1].get("queued") or rs[1].get("created") or ""), rs[0].id))
-    return waiting
-
-
-def queue_positions(root: str | Path | None = None) -> dict[str, int]:
-    """Run id → place in the queue (1 = starts next) for every run waiting for a slot."""
-    root = default_runs_root() if root is None else Path(root)
-    return {run.id: i for i, (run, _) in enumerate(_in_queue(_statuses(root)), start=1)}
-
-
-def queue_position(run: Run) -> int | None:
-    """The run's place in the queue (1 = starts next), or None when it is not waiting."""
-    return queue_positions(run.root).get(run.id)
-
-
-def start_queued(root: str | Path | None = None) -> list[Run]:
-    """Start the oldest waiting runs while fewer than ``max_runs()`` workers live; return them.
-
-    Called by a worker as it ends, and by the app as it polls (after a crash no worker ends
-    properly); safe to call from several processes at once.
-    """
-    root = default_runs_root() if root is None else Path(root)
-    if not root.is_dir():
-        return []
-    limit = max_runs()
-    started: list[Run] = []
-    with _queue_lock(root):
-        statuses = _statuses(root)
-        busy = sum(
-            1 for _, s in statuses if s.get("state") in ACTIVE_STATES and s.get("pid") is not None
-        )
-        for run, _ in _in_queue(statuses):
-            if busy >= limit:
-                break
-            fd = run._try_worker_lock()
-            if fd is None:  # being launched or cancelled by someone else right now
-                continue
-            try:
-                status = run.status()  # again, now that nobody else can launch it
-                if not _waiting(status):
-                    continue
-                module = status.get("worker_module")
-                launch_worker(
-                    status["worker"],
-                    run,
-                    module if isinstance(module, str) else None,
-                    lock_fd=fd,
-                )
-            except RobustKDError:
-                continue  # could not start: the run says why (failed)
-            finally:
-                os.close(fd)
-            with contextlib.suppress(RobustKDError, OSError):
-                run.update_status(message="")  # no longer waiting: starting
-            busy += 1
-            started.append(run)
-    return started
-
-
 # --------------------------------------------------------------------------- the teacher
 
 
@@ -1114,15 +690,3 @@ def check_teacher(run: Run, teacher: str | Path) -> bool:
             "report — restore the original file, or start a new run."
         )
     return True
-
-
-def progress_fraction(status: Mapping[str, Any]) -> float:
-    """Progress of a run's current phase in [0, 1], from its status (1 when it is over)."""
-    if status.get("state") in TERMINAL_STATES:
-        return 1.0
-    epoch, epochs = status.get("epoch") or 0, status.get("epochs") or 0
-    step, steps = status.get("step") or 0, status.get("steps") or 0
-    if not epochs:
-        return 0.0
-    done = max(0, epoch - 1) + (step / steps if steps else 0)
-    return max(0.0, min(1.0, done / epochs))

@@ -25,13 +25,8 @@ from robustkd.data.datasets import ImageDataset, normalize
 from robustkd.errors import ConfigError
 from robustkd.models import create_model
 from robustkd.models.complexity import count_flops, count_parameters
-from robustkd.training.engine import (
-    ProgressFn,
-    TrainConfig,
-    check_options,
-    seed_everything,
-    train_model,
-)
+from robustkd.training.config import ProgressFn, TrainConfig, check_options, seed_everything
+from robustkd.training.engine import train_model
 from robustkd.training.losses import (
     FeatureDistiller,
     logit_kd_loss,

@@ -13,16 +13,19 @@ in the step waits for the GPU: the loss is summed on the device and read once pe
 Under torchrun (see ``robustkd.training.distributed``) the model is wrapped in
 DistributedDataParallel, each rank trains on its slice of every global batch, the loss is summed
 across ranks, and rank 0 evaluates, reports progress and writes the state.
+
+This module holds the loop and its state file; the options and callback types live in
+``robustkd.training.config``, the augmentation in ``robustkd.training.augment``, and the data
+placement and batching in ``robustkd.training.batches``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,197 +35,22 @@ from torch import nn
 
 from robustkd.atomic import atomic_write
 from robustkd.data.datasets import ImageDataset, normalize, to_float
-from robustkd.errors import CheckpointError, ConfigError, RobustKDError
+from robustkd.errors import CheckpointError, ConfigError
 from robustkd.training import distributed
+from robustkd.training.augment import apply_augment
+from robustkd.training.batches import _Batches
+from robustkd.training.config import (
+    RUNTIME_OPTIONS,
+    DivergedError,
+    EvalFn,
+    LossFn,
+    ProgressFn,
+    TrainConfig,
+    TrainEvent,
+    lr_factor,
+    make_optimizer,
+)
 from robustkd.training.device import resolve_device
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "step", "paper", "constant")
-AUGMENTS = ("none", "crop", "crop-flip")
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
-PLACEMENTS = ("auto", "device", "host")
-# Options that change how fast a run goes, not what it computes: a resumed run may change them.
-RUNTIME_OPTIONS = ("epochs", "device", "compile", "data_placement")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Hyper-parameters of one training job; serialises to a flat dict."""
-
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    augment: str = "crop"
-    crop_padding: int = 2
-    label_smoothing: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    compile: str = "off"  # torch.compile mode; "reduce-overhead" uses CUDA graphs
-    data_placement: str = "auto"  # images on the GPU ("device") or in pinned host memory
-
-    def validate(self) -> TrainConfig:
-        if not 1 <= self.epochs <= 10_000:
-            raise ConfigError(f"epochs must be between 1 and 10000; got {self.epochs}.")
-        if not 1 <= self.batch_size <= 1_000_000:
-            raise ConfigError(f"batch size must be a positive integer; got {self.batch_size}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"learning rate must be a positive number; got {self.lr}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"Unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}."
-            )
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"Unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}."
-            )
-        if self.augment not in AUGMENTS:
-            raise ConfigError(
-                f"Unknown augmentation {self.augment!r}; choose one of: {', '.join(AUGMENTS)}."
-            )
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(
-                f"Unknown compile mode {self.compile!r}; choose one of: {', '.join(COMPILE_MODES)}."
-            )
-        if self.data_placement not in PLACEMENTS:
-            raise ConfigError(
-                f"Unknown data placement {self.data_placement!r}; choose one of: "
-                f"{', '.join(PLACEMENTS)}."
-            )
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label smoothing must lie in [0, 1); got {self.label_smoothing}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight decay must be ≥ 0; got {self.weight_decay}.")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        check_options(cls, values, "training")
-        return cls(**values)
-
-
-def check_options(cls: type, values: dict[str, Any], what: str) -> None:
-    """Refuse keys that are not fields of the config dataclass ``cls``, naming the valid ones."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"Unknown {what} option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}."
-        )
-
-
-@dataclasses.dataclass
-class TrainEvent:
-    """What the progress callback receives: after each step and after each epoch."""
-
-    kind: str  # "step" or "epoch"
-    epoch: int  # 1-based
-    epochs: int
-    step: int  # 1-based within the epoch
-    steps: int
-    loss: float | None = None
-    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
-    seconds: float = 0.0
-
-
-# loss_fn(model, inputs, labels, indices): indices point into the training set, so a loss can
-# look up per-sample facts (e.g. which samples were screened out of distillation).
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ProgressFn = Callable[[TrainEvent], None]
-EvalFn = Callable[[nn.Module], dict[str, Any]]
-
-
-class DivergedError(RobustKDError):
-    """The loss became NaN or infinite; the last good epoch's state is kept."""
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch's global generator (model initialisation) for a reproducible run."""
-    torch.manual_seed(seed)
-
-
-@dataclasses.dataclass
-class AugmentDraw:
-    """The random part of a batch's augmentation: crop offsets (2, N) and flips (N,)."""
-
-    shifts: torch.Tensor | None
-    flips: torch.Tensor | None
-
-    def __getitem__(self, index: Any) -> AugmentDraw:
-        """The draw of some samples of the batch (a rank's shard, say)."""
-        return AugmentDraw(
-            None if self.shifts is None else self.shifts[:, index],
-            None if self.flips is None else self.flips[index],
-        )
-
-
-def draw_augment(n: int, mode: str, padding: int, generator: torch.Generator) -> AugmentDraw:
-    """Draw crop offsets and flips for ``n`` images on the generator's device."""
-    device = generator.device
-    shifts = flips = None
-    if mode != "none" and padding > 0:
-        shifts = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=device)
-    if mode == "crop-flip":
-        flips = torch.rand(n, generator=generator, device=device) < 0.5
-    return AugmentDraw(shifts, flips)
-
-
-def apply_augment(x: torch.Tensor, draw: AugmentDraw, padding: int) -> torch.Tensor:
-    """Zero-padded random crops and horizontal flips of ``x`` (N, C, H, W), batched."""
-    if x.shape[0] == 0 or (draw.shifts is None and draw.flips is None):
-        return x
-    n, _, h, w = x.shape
-    if draw.shifts is not None:
-        shifts = draw.shifts.to(x.device)
-        padded = F.pad(x, (padding, padding, padding, padding))
-        rows = torch.arange(h, device=x.device)[None, :] + shifts[0][:, None]  # (n, h)
-        cols = torch.arange(w, device=x.device)[None, :] + shifts[1][:, None]  # (n, w)
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
-        x = x.permute(0, 3, 1, 2)
-    if draw.flips is not None:
-        x = torch.where(draw.flips.to(x.device)[:, None, None, None], x.flip(3), x)
-    return x.contiguous()
-
-
-def augment_batch(
-    x: torch.Tensor, mode: str, padding: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Random crops with zero padding (and horizontal flips), batched, on x's device."""
-    if mode == "none" or x.shape[0] == 0:
-        return x
-    return apply_augment(x, draw_augment(x.shape[0], mode, padding, generator), padding)
-
-
-def lr_factor(schedule: str, progress: float) -> float:
-    """Multiplier of the base learning rate at ``progress`` ∈ [0, 1] of training."""
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule in ("step", "paper"):  # the paper's: ÷10 at 50 %, ÷100 at 75 %
-        return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
-    return 1.0
-
-
-def make_optimizer(params: Any, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            nesterov=config.nesterov and config.momentum > 0,
-            **fused,
-        )
-    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
 
 
 @dataclasses.dataclass
@@ -365,102 +193,6 @@ def _forward_backward(
         loss = loss_fn(model, x, labels, idx)
     loss.backward()
     return loss
-
-
-class _Batches:
-    """Each epoch's batches: (uint8 images, labels, indices, augmentation draw) on the device.
-
-    The permutation and augmentation come from a generator seeded by (seed, epoch), so a
-    resumed run replays the same batches; under DDP every rank draws the same global batch
-    and keeps its shard, and a last global batch smaller than the world size is skipped.
-    Images live on the device when they fit (or ``data_placement="device"``); otherwise
-    pinned host batches are gathered by DataLoader workers and copied without blocking.
-    """
-
-    def __init__(self, data: ImageDataset, config: TrainConfig, device: torch.device) -> None:
-        self.config = config
-        self.device = device
-        self.world = distributed.world_size()
-        self.rank = distributed.rank()
-        n = len(data)
-        size = config.batch_size
-        self.bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
-        if self.world > 1:
-            self.bounds = [(a, b) for a, b in self.bounds if b - a >= self.world]
-            if not self.bounds:
-                raise ConfigError(
-                    f"{n} training images cannot be split over {self.world} processes; "
-                    "use fewer processes or more images."
-                )
-        self.steps = len(self.bounds)
-        self.resident = _resident(data, config, device)
-        self.data = data.to(device) if self.resident else data
-        self.n = n
-
-    def _generator(self, epoch: int) -> torch.Generator:
-        gen_device = self.device if self.resident else torch.device("cpu")
-        seed = self.config.seed * 100_003 + epoch
-        return torch.Generator(device=gen_device).manual_seed(seed)
-
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]]:
-        config = self.config
-        generator = self._generator(epoch)
-        order = torch.randperm(self.n, generator=generator, device=generator.device)
-        plan = []
-        for a, b in self.bounds:
-            draw = draw_augment(b - a, config.augment, config.crop_padding, generator)
-            mine = slice(self.rank, None, self.world)
-            plan.append((order[a:b][mine], draw[mine]))
-        if self.resident:
-            for idx, draw in plan:
-                yield self.data.images[idx], self.data.labels[idx], idx, draw
-            return
-        for (images, labels, idx), (_, draw) in zip(self._host_batches(plan), plan, strict=True):
-            yield (
-                images.to(self.device, non_blocking=True),
-                labels.to(self.device, non_blocking=True),
-                idx.to(self.device, non_blocking=True),
-                draw,
-            )
-
-    def _host_batches(self, plan: list[tuple[torch.Tensor, Any]]) -> Any:
-        from torch.utils.data import DataLoader
-
-        workers = min(4, max(1, (os.cpu_count() or 2) - 1))
-        return DataLoader(
-            _Gather(self.data, [idx for idx, _ in plan]),
-            batch_size=None,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
-
-
-class _Gather(torch.utils.data.Dataset):
-    """Item i: the images, labels and indices of the i-th planned batch (host memory)."""
-
-    def __init__(self, data: ImageDataset, batches: list[torch.Tensor]) -> None:
-        self.data = data
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = self.batches[i]
-        return self.data.images[idx], self.data.labels[idx], idx
-
-
-def _resident(data: ImageDataset, config: TrainConfig, device: torch.device) -> bool:
-    """Whether the images should live on ``device`` (the CPU's own memory: always, in auto)."""
-    if config.data_placement != "auto":
-        return config.data_placement == "device"
-    if device.type == "cpu":
-        return True
-    need = data.images.numel() * data.images.element_size()
-    free, _total = torch.cuda.mem_get_info(device)
-    return need <= free // 4  # leave most of the memory to activations and the models
 
 
 class _Compiled:

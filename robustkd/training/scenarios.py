@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from robustkd.attacks import Trigger, trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
-from robustkd.attacks.triggers import Trigger, trigger_from_dict
-from robustkd.data.datasets import ImageDataset, load_dataset
+from robustkd.data.datasets import ImageDataset, defender_subset, load_dataset
 from robustkd.errors import ConfigError
 
 SCENARIOS = ("clean", "untrusted", "teacher-train", "as-is")
@@ -198,6 +198,44 @@ def build_scenario(
         "seed": seed,
     }
     return Scenario(name, distill, poisoned, trusted, validation, test, trigger, target, mode, info)
+
+
+PROBE_SEEDS = {"trusted": 0, "suspect": 1, "validation": 2}  # three disjoint subsets
+
+
+@dataclasses.dataclass
+class Probe:
+    """A small defender's view drawn from one labelled split (the Feature variance page's):
+    trusted clean images, a suspect set of the same size with a share triggered (labels kept,
+    as in ``untrusted``), and validation images for choosing a threshold; all three disjoint."""
+
+    trusted: ImageDataset
+    suspect: ImageDataset
+    validation: ImageDataset
+
+
+def probe_scenario(
+    data: ImageDataset,
+    size: int,
+    trigger: Trigger | None = None,
+    target: int | None = None,
+    rate: float = 0.0,
+    mode: str = "all-to-one",
+) -> Probe:
+    """Three disjoint seeded subsets of ``size`` images of ``data`` (the same for every call);
+    ``rate`` of the suspect ones carry ``trigger`` (none without a trigger)."""
+    if not 0 <= rate <= 1:
+        raise ConfigError(f"The triggered share must lie between 0 and 1; got {rate}.")
+    trusted, t_idx = defender_subset(data, size, seed=PROBE_SEEDS["trusted"])
+    suspect, s_idx = defender_subset(data, size, seed=PROBE_SEEDS["suspect"], exclude=t_idx)
+    used = torch.cat([t_idx, s_idx])
+    validation = defender_subset(data, size, seed=PROBE_SEEDS["validation"], exclude=used)[0]
+    if trigger is not None and rate > 0:
+        if target is None:
+            raise ConfigError("A trigger needs its target class; pass the target.")
+        planted = poison_dataset(suspect, trigger, rate, target, mode=mode, keep_labels=True)
+        suspect = planted.dataset
+    return Probe(trusted, suspect, validation)
 
 
 def _check_same_classes(data: ImageDataset, test: ImageDataset, what: str) -> None:
