@@ -12,7 +12,7 @@ from robustkd.analysis.metrics import backdoor_targets, predict
 from robustkd.attacks import trigger_from_dict
 from robustkd.data.datasets import to_float
 from robustkd.errors import RobustKDError
-from robustkd.models.modelcard import attack_mode_of
+from robustkd.models.modelcard import attack_mode_of, normalized_for
 
 TEACHER = "Teacher"
 
@@ -42,8 +42,8 @@ try:
     else:
         path = students[choice]
         model, model_meta = load_model(str(path), path.stat().st_mtime)
-    norm = model_meta.get("normalization")
-    mean, std = (tuple(norm["mean"]), tuple(norm["std"])) if norm else (data.mean, data.std)
+    seen = normalized_for(model_meta, data)  # the model's own normalisation, if it records one
+    mean, std = seen.mean, seen.std
     layer = None
     if method == "layer-gradcam":
         stages = list(getattr(model, "feature_layers", []))

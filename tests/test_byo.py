@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from robustkd.cli.main import main
 from robustkd.data.datasets import ImageDataset, load_dataset, normalize, to_float
 from robustkd.models import create_model
+from tests.helpers import run_cli
 
 TARGET = 0
 
@@ -37,13 +37,7 @@ def _stamp(images: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 def _write_folder(root: Path, data: ImageDataset, classes: bool = True) -> list[str]:

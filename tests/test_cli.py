@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,31 @@ def test_python_dash_m(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0 and "small-cnn" in result.stdout.split()
+
+
+@pytest.mark.parametrize(
+    ("unbuffered", "lines_read"),
+    [(False, 0), (True, 0), (True, 1)],
+    ids=["buffered", "unbuffered", "unbuffered-after-one-line"],
+)
+def test_closed_stdout_ends_quietly(unbuffered: bool, lines_read: int) -> None:
+    """``robustkd list methods | head -1``: a reader that leaves early is no error, and no
+    sentence about disk space."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"  # each print is written at once, while the command runs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "robustkd", "list", "methods"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for _ in range(lines_read):
+        assert proc.stdout.readline().strip()
+    proc.stdout.close()  # with no line read: closed before the command (still starting) writes
+    _, err = proc.communicate(timeout=300)
+    assert "error" not in err.lower(), err
+    assert proc.returncode in (0, 141), (proc.returncode, err)

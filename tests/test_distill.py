@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkd.cli.main import main
 from robustkd.defenses import METHODS, run_method
 from robustkd.errors import ConfigError, UnknownNameError
 from robustkd.experiments.compare import compare
@@ -17,6 +16,7 @@ from robustkd.models.checkpoints import load_checkpoint, save_checkpoint
 from robustkd.runs.store import Run
 from robustkd.training.distill import DistillConfig
 from robustkd.training.scenarios import build_scenario, probe_scenario
+from tests.helpers import run_cli
 
 TINY = {"distill_size": 300, "trusted_size": 100, "test_size": 200}
 
@@ -175,13 +175,7 @@ def test_compare_writes_a_complete_report(teacher, scenario, tmp_path: Path) -> 
     assert (run.path / "checkpoints" / "robustkd-detox.safetensors").exists()
 
 
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 def test_cli_distill_and_runs(tiny_teacher: Path, tmp_path: Path, capsys) -> None:

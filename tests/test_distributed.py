@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkd.cli.main import _without_nproc, main
+from robustkd.cli.launch import _without_nproc
+from robustkd.cli.main import main
 from robustkd.models.checkpoints import load_checkpoint
 from robustkd.runs.store import Run
 from robustkd.training import distributed

@@ -32,6 +32,7 @@ from robustkd.runs.store import (
 )
 from robustkd.training.config import TrainConfig, TrainEvent
 from robustkd.training.engine import train_model
+from tests import helpers
 
 
 @pytest.fixture()
@@ -48,12 +49,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    return helpers.wait_for(predicate, timeout)
 
 
 # --------------------------------------------------------------------------- create / open

@@ -34,6 +34,7 @@ from robustkd.runs.store import (
 )
 from robustkd.runs.uploads import clean_uploads, upload_days
 from tests.conftest import ROOT
+from tests.helpers import wait_for
 
 TINY = ["--distill-size", "300", "--trusted-size", "100", "--test-size", "200"]
 TINY += ["--epochs", "1", "--device", "cpu", "--quiet"]
@@ -54,12 +55,7 @@ SLEEPER = "import time\ntime.sleep(60)\n"
 
 
 def _wait(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    return wait_for(predicate, timeout)
 
 
 @pytest.fixture()
