@@ -166,5 +166,9 @@ def test_newcomer_journey(server: str, browser_page) -> None:
     _settle(page)
     body = page.inner_text("body")
     assert "robustkd" in body and "feature-kd" in body
-    assert page.locator('[data-testid="stPlotlyChart"]').count() >= 2
+    # the page draws its charts one after the other; a loaded server takes its time
+    page.wait_for_function(
+        "() => document.querySelectorAll('[data-testid=\"stPlotlyChart\"]').length >= 2",
+        timeout=60_000,
+    )
     _check(page, "6-compare")
