@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from app.charts import show_chart
 from app.state import load_model, runs_root, show_error
 from robustkd.analysis.profiling import latency_per_image, report_rows
 from robustkd.errors import RobustKDError, redact_paths
@@ -202,12 +203,12 @@ def show_run(run: Run) -> None:
         f"{info.get('test_size')}, seed {info.get('seed')}. DER against "
         f"`{report.get('reference')}`; latency measured on this machine's CPU, batch 1."
     )
-    st.plotly_chart(bars, key=f"{run.id}-bars")
+    show_chart(bars, f"{run.id}-bars")
     st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"{run.id}-table")
-    st.plotly_chart(per_class, key=f"{run.id}-per-class")
+    show_chart(per_class, f"{run.id}-per-class")
     left, right = st.columns(2)
-    left.plotly_chart(curves["test_asr"], key=f"{run.id}-curves-asr")
-    right.plotly_chart(curves["test_acc"], key=f"{run.id}-curves-acc")
+    show_chart(curves["test_asr"], f"{run.id}-curves-asr", left)
+    show_chart(curves["test_acc"], f"{run.id}-curves-acc", right)
     if not info.get("trigger_known", True):
         st.info("No trigger was given or recorded for this run, so its ASR is unknown.")
     for method, row in report["methods"].items():

@@ -6,6 +6,7 @@ from typing import Any
 
 import streamlit as st
 
+from app.charts import show_chart
 from app.state import (
     DATA_ROLES,
     current_teacher,
@@ -260,7 +261,7 @@ def live_panel(run_id: str, was_active: bool) -> None:
             st.rerun()  # finished methods are kept, the interrupted one continues
     records = run.metrics()
     if records:
-        st.plotly_chart(run_curves(records), key=f"curves-{run_id}")
+        show_chart(run_curves(records), f"curves-{run_id}")
     report = run.report()
     if report and report.get("methods"):
         st.markdown(redact_paths(report_markdown(report)))  # older reports held paths

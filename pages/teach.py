@@ -16,6 +16,7 @@ from typing import Any
 
 import streamlit as st
 
+from app.charts import show_chart
 from app.state import default_teacher_path, runs_root, show_error
 from robustkd.errors import ConfigError, RobustKDError, redact_paths
 from robustkd.experiments.compare import launch_compare
@@ -154,8 +155,8 @@ def panel(run_id: str, was_active: bool) -> None:
         curves = live_curves(run)
         if curves["methods"]:
             left, right = st.columns(2)
-            left.plotly_chart(training_curves(curves, "test_asr"), key="teach_live_asr")
-            right.plotly_chart(training_curves(curves, "test_acc"), key="teach_live_acc")
+            show_chart(training_curves(curves, "test_asr"), "teach_live_asr", left)
+            show_chart(training_curves(curves, "test_acc"), "teach_live_acc", right)
     elif state == "failed":
         st.error(f"The demo failed: {redact_paths(status.get('message') or 'see the run log')}")
     elif state == "cancelled":
@@ -163,7 +164,7 @@ def panel(run_id: str, was_active: bool) -> None:
     elif report and all(m in report.get("methods", {}) for m in DEMO_METHODS):
         for line in story(report):
             st.caption(line)
-        st.plotly_chart(acc_asr_bars(report), key="teach_bars")
+        show_chart(acc_asr_bars(report), "teach_bars")
     else:
         st.info("The run finished without a complete report; run the demo again.")
 

@@ -10,6 +10,7 @@ import numpy as np
 import streamlit as st
 import torch
 
+from app.charts import show_chart
 from app.state import current_teacher, data_key, show_error, teacher_path, test_set_for
 from robustkd.analysis.features import StatsCache, activations
 from robustkd.analysis.metrics import Evaluation, evaluate
@@ -154,9 +155,9 @@ except RobustKDError as exc:
     st.stop()
 
 st.subheader("Clean versus triggered variance")
-st.plotly_chart(channel_variance_figure(cmp), key="var_channels")
-st.plotly_chart(spatial_variance_figure(cmp), key="var_spatial")
-st.plotly_chart(ranked_channels_figure(cmp, 20), key="var_ranked")
+show_chart(channel_variance_figure(cmp), "var_channels")
+show_chart(spatial_variance_figure(cmp), "var_spatial")
+show_chart(ranked_channels_figure(cmp, 20), "var_ranked")
 top, ratios = cmp.top_channels(4)
 st.caption(
     "Largest ratios: "
@@ -168,7 +169,7 @@ i = st.number_input("Test image", 0, n - 1, 0, key="var_image")
 one = data.subset([int(i)])
 clean_act = activations(model, one, layer)[0]
 trig_act = activations(model, one, layer, trigger)[0]
-st.plotly_chart(activation_maps_figure(clean_act, trig_act, top, layer), key="var_acts")
+show_chart(activation_maps_figure(clean_act, trig_act, top, layer), "var_acts")
 
 st.subheader("Variance threshold and detoxified teacher")
 st.caption(
@@ -253,4 +254,4 @@ st.caption(
     )
     + f". The preview detoxifies {layer} only, on the first {n} test images."
 )
-st.plotly_chart(flagged_units_figure(fit.layers[layer], float(threshold)), key="var_flagged")
+show_chart(flagged_units_figure(fit.layers[layer], float(threshold)), "var_flagged")

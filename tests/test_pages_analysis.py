@@ -236,8 +236,9 @@ def test_compare_page_shows_a_finished_run(
     )
     assert (table["latency (ms / image)"] > 0).all() and (table["checkpoint (MB)"] > 0).all()
     names = [b.label for b in at.get("download_button")]
-    assert {"report.md", "report.json", "report.csv", "acc_asr.html"} <= set(names)
-    assert len(names) == 7
+    files = [n for n in names if n != "Download chart (HTML)"]  # the run's files
+    assert {"report.md", "report.json", "report.csv", "acc_asr.html"} <= set(files)
+    assert len(files) == 7 and len(names) - len(files) == len(charts)  # one per chart
 
 
 def test_attributions_of_a_student_from_a_run(finished_compare: Run, tmp_path: Path) -> None:
