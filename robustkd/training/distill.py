@@ -179,9 +179,13 @@ def student_for(
 
 
 def _stage_channels(model: nn.Module, layers: list[str], shape: tuple[int, ...]) -> list[int]:
+    # Probe on the model's own device: the teacher may already sit on the GPU (the detox fit
+    # moves it there), the student may not yet.
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     with torch.no_grad(), capture(model, layers) as out:
         was = model.training
-        model.eval()(torch.zeros(2, *shape))
+        model.eval()(torch.zeros(2, *shape, device=device))
         model.train(was)
     return [int(out[n].shape[1]) for n in layers]
 
