@@ -1,10 +1,17 @@
-"""Teach page: one click shows that plain KD passes the teacher's backdoor to the student and
-that RobustKD does not, with the numbers measured in that very run.
+"""Teach page: the backdoor-transfer lesson in five steps, with real results from the start.
 
-The demo is ``robustkd compare --methods feature-kd,robustkd --preset fashion-badnets-quick``
-on the shipped teacher, started in the background; reopening the page shows the newest demo
-run. ``$ROBUSTKD_TEACH_OPTIONS`` may hold a JSON object of extra ``compare`` options (CLI
-names with ``_``, e.g. ``{"distill_size": 300, "epochs": 1}``) — tests use it for tiny runs.
+The lesson opens on the shipped teacher and its three shipped students (``assets/lesson/``,
+built by ``make lesson``; ``robustkd.experiments.lesson``): (1) the teacher and its trigger,
+(2) plain distillation, (3) where the backdoor hides, (4) RobustKD, (5) the price. Each step has
+one picture, two or three sentences worded from the numbers, and links to the page that
+explores it further. "Run it yourself" re-runs the lesson live (``robustkd compare --methods
+scratch,feature-kd,robustkd --preset fashion-badnets-quick`` on the shipped teacher, in the
+background); when it ends, the steps switch to that run. ``$ROBUSTKD_TEACH_OPTIONS`` may hold a
+JSON object of extra ``compare`` options (CLI names with ``_``, e.g. ``{"distill_size": 300,
+"epochs": 1}``) — tests use it for tiny runs.
+
+What every session shows the same (models, test images, variance statistics) is computed once
+per server and shared read-only (``st.cache_resource``); a session keeps only its choices.
 """
 
 from __future__ import annotations
@@ -12,21 +19,50 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
+import torch
 
 from app.charts import show_chart
-from app.state import default_teacher_path, runs_root, show_error
+from app.state import default_teacher_path, load_model, load_split, runs_root, show_error
+from robustkd.analysis.features import feature_stats
+from robustkd.analysis.metrics import predict
+from robustkd.attacks import Trigger, trigger_from_dict
+from robustkd.data.datasets import ImageDataset, to_float
 from robustkd.errors import ConfigError, RobustKDError, redact_paths
 from robustkd.experiments.compare import launch_compare
+from robustkd.experiments.lesson import (
+    LESSON_DIR,
+    LESSON_METHODS,
+    lesson_html,
+    lesson_sentences,
+    load_lesson,
+    student_paths,
+)
+from robustkd.models.checkpoints import DEFAULT_TEACHER
+from robustkd.models.modelcard import normalized_for
 from robustkd.runs.liveness import refresh_state
 from robustkd.runs.queue import queue_position, start_queued
 from robustkd.runs.store import ACTIVE_STATES, Run, list_runs
-from robustkd.viz.figures import acc_asr_bars, training_curves
+from robustkd.viz.figures import training_curves
+from robustkd.viz.lesson_figures import (
+    LABELS,
+    flagged_figure,
+    lesson_bars,
+    price_figure,
+    projector,
+    stamp_figure,
+)
+from robustkd.viz.variance_figures import (
+    channel_variance_figure,
+    compare_layer,
+    spatial_variance_figure,
+)
 
 DEMO_PRESET = "fashion-badnets-quick"
-DEMO_METHODS = ["feature-kd", "robustkd"]
+DEMO_METHODS = list(LESSON_METHODS)
 OPTIONS_ENV = "ROBUSTKD_TEACH_OPTIONS"
 RUN_KEY = "teach_run"
 
@@ -85,34 +121,6 @@ def progress_of(status: dict[str, Any], methods: list[str]) -> float:
     return max(0.0, min(1.0, (methods.index(phase) + within) / len(methods)))
 
 
-def _pct(value: float | None) -> str:
-    return f"{100 * value:.1f} %" if value is not None else "n/a"
-
-
-def story(report: dict[str, Any]) -> list[str]:
-    """Three sentences with the numbers measured in the run (worded by what they show)."""
-    t, kd, rk = report["teacher"], report["methods"]["feature-kd"], report["methods"]["robustkd"]
-    t_asr, kd_asr, rk_asr = t.get("asr") or 0.0, kd.get("asr") or 0.0, rk.get("asr") or 0.0
-    backdoored = "is backdoored" if t_asr >= 0.5 else "carries only a weak backdoor"
-    if kd_asr >= 0.5:
-        inherits = "inherits it"
-    elif kd_asr >= 0.2:
-        inherits = "partly inherits it"
-    else:
-        inherits = "does not inherit it in this run"
-    if rk_asr < 0.1:
-        robust = "does not"
-    elif rk_asr <= kd_asr / 2:
-        robust = "inherits far less of it"
-    else:
-        robust = "does not remove it in this run"
-    return [
-        f"1 · The teacher {backdoored}: ACC {_pct(t['acc'])}, ASR {_pct(t.get('asr'))}.",
-        f"2 · Plain KD (feature-kd) {inherits}: ASR {_pct(kd.get('asr'))}.",
-        f"3 · RobustKD {robust}: ASR {_pct(rk.get('asr'))} at ACC {_pct(rk['acc'])}.",
-    ]
-
-
 def live_curves(run: Run) -> dict[str, Any]:
     """The epochs logged so far, per method, shaped as a report's ``methods`` for the figures."""
     methods: dict[str, Any] = {}
@@ -162,25 +170,299 @@ def panel(run_id: str, was_active: bool) -> None:
     elif state == "cancelled":
         st.warning("The demo was cancelled; run it again to see the result.")
     elif report and all(m in report.get("methods", {}) for m in DEMO_METHODS):
-        for line in story(report):
-            st.caption(line)
-        show_chart(acc_asr_bars(report), "teach_bars")
+        rk = report["methods"]["robustkd"]
+        kd = report["methods"]["feature-kd"]
+        st.success(
+            f"Your run is done: plain KD ASR {100 * (kd.get('asr') or 0):.1f} %, RobustKD ASR "
+            f"{100 * (rk.get('asr') or 0):.1f} % at ACC {100 * rk['acc']:.1f} %. The lesson's "
+            "steps above show it (choose the shipped lesson again under “Results”)."
+        )
     else:
         st.info("The run finished without a complete report; run the demo again.")
 
 
+STEPS = [
+    "1 · The teacher and its trigger",
+    "2 · Plain distillation",
+    "3 · Where it hides",
+    "4 · RobustKD",
+    "5 · The price",
+]
+PAGES = Path(__file__).resolve().parent
+LINKS = [
+    [("teacher.py", "Teacher: its card and measurements"), ("triggers.py", "Triggers: build one")],
+    [("distill.py", "Detox & distil: train students"), ("compare.py", "Compare: every method")],
+    [("variance.py", "Feature variance: every layer"), ("attributions.py", "Attributions")],
+    [("variance.py", "Feature variance: the threshold"), ("distill.py", "Detox & distil")],
+    [("compare.py", "Compare: per-class ACC, curves, report")],
+]
+SHIPPED, YOURS = "The shipped lesson", "Your run"
+N_VARIANCE = 1000  # test images for step 3's statistics
+
+
+@st.cache_resource(show_spinner="Reading the lesson …", max_entries=4)
+def lesson_report(folder: str, mtime: float) -> dict[str, Any]:
+    return load_lesson(folder)
+
+
+@st.cache_resource(show_spinner="Measuring the variance of each unit …", max_entries=8)
+def unit_variance(
+    model_key: str, layer: str, trigger_json: str, _model: torch.nn.Module, _data: ImageDataset
+) -> Any:
+    """Clean-versus-triggered statistics of ``layer`` on the first test images (shared)."""
+    trigger = trigger_from_dict(json.loads(trigger_json))
+    clean = feature_stats(_model, _data, [layer])[layer]
+    triggered = feature_stats(_model, _data, [layer], trigger)[layer]
+    return compare_layer(clean, triggered)
+
+
+def _links(step: int) -> None:
+    cols = st.columns(len(LINKS[step]))
+    for col, (file, label) in zip(cols, LINKS[step], strict=True):
+        col.page_link(str(PAGES / file), label=label, icon=":material/arrow_forward:")
+
+
+def variance_sentences(cmp: Any) -> list[str]:
+    """Step 3's sentences from the measured ratios: the unit that swells most, and the
+    channel that does."""
+    ratio = cmp.unit_ratio
+    flat = int(ratio.flatten().argmax())
+    h, w = ratio.shape[1], ratio.shape[2]
+    c, row, col = flat // (h * w), (flat % (h * w)) // w, flat % w
+    unit_max, channel_max = float(ratio.max()), float(cmp.channel_ratio.max())
+    return [
+        f"On triggered images the variance of single feature units at {cmp.layer} swells up to "
+        f"×{unit_max:.1f} their clean level (channel {c}, row {row}, column {col}): the map "
+        "lights up where the trigger sits.",
+        f"Averaged over whole channels the largest change is ×{channel_max:.1f}"
+        + (
+            ", far smaller: this is why RobustKD scores single units rather than channels."
+            if channel_max < unit_max / 2
+            else "; at this layer the channels show it too."
+        ),
+    ]
+
+
+def _go(step: int) -> None:
+    """Back / Next: runs before the step selector is drawn again."""
+    st.session_state["teach_step"] = STEPS[max(0, min(step, len(STEPS) - 1))]
+
+
+def _prediction(model: torch.nn.Module, image: torch.Tensor, data: ImageDataset) -> str:
+    probs = predict(model, image[None], data.mean, data.std, return_probs=True)[0]
+    k = int(probs.argmax())
+    return f"{data.classes[k]} ({100 * float(probs[k]):.0f} %)"
+
+
+def source() -> tuple[dict[str, Any], Path, dict[str, Path], str] | None:
+    """The report the steps tell, its teacher, its students and its name: the shipped lesson,
+    or this server's newest finished live run when chosen."""
+    demo = current_demo()
+    finished = None
+    if demo is not None:
+        try:
+            if refresh_state(demo).get("state") == "done":
+                report = demo.report()
+                if all(m in report.get("methods", {}) for m in DEMO_METHODS):
+                    finished = (demo, report)
+        except RobustKDError:
+            finished = None
+    options = [SHIPPED] + ([YOURS] if finished else [])
+    if finished and st.session_state.get("teach_seen_run") != finished[0].id:
+        st.session_state["teach_seen_run"] = finished[0].id  # a new run: show it
+        st.session_state["teach_source"] = YOURS
+    if st.session_state.get("teach_source") not in options:
+        st.session_state["teach_source"] = SHIPPED
+    choice = st.radio("Results", options, horizontal=True, key="teach_source")
+    if choice == YOURS and finished:
+        run, report = finished
+        teacher = Path(str(run.config.get("options", {}).get("teacher") or DEFAULT_TEACHER))
+        return report, teacher, student_paths(report, run.path), f"run {run.id}"
+    try:
+        folder = LESSON_DIR
+        report = lesson_report(str(folder), (folder / "lesson.json").stat().st_mtime)
+    except (OSError, RobustKDError) as exc:
+        show_error(
+            exc
+            if isinstance(exc, RobustKDError)
+            else ConfigError(
+                "The lesson's shipped students are missing; rebuild them with 'make lesson'."
+            )
+        )
+        return None
+    return report, DEFAULT_TEACHER, student_paths(report, folder), "the shipped lesson"
+
+
+def lesson(report: dict[str, Any], teacher_file: Path, students: dict[str, Path], name: str):
+    if not teacher_file.is_file():
+        raise ConfigError(
+            f"The lesson's teacher {teacher_file.name} is missing; run 'make teacher'."
+        )
+    teacher, meta = load_model(str(teacher_file), teacher_file.stat().st_mtime)
+    stored = meta.get("trigger")
+    if not stored:
+        raise ConfigError(
+            "The lesson's teacher records no trigger; rebuild it with 'make teacher'."
+        )
+    trigger: Trigger = trigger_from_dict(stored)
+    target = meta.get("target")
+    classes = list(meta.get("classes") or [])
+    data = normalized_for(meta, load_split(meta.get("dataset") or "fashion-mnist", "test"))
+    sentences = lesson_sentences(report, classes, target)
+    st.session_state.setdefault("teach_step", STEPS[0])
+    step_name = (
+        st.segmented_control("Step", STEPS, key="teach_step", label_visibility="collapsed")
+        or STEPS[0]
+    )
+    step = STEPS.index(step_name)
+    st.header(step_name)
+    figures = {}
+
+    if step in (0, 1):
+        i = int(
+            st.number_input(
+                "Test image",
+                0,
+                len(data) - 1,
+                0,
+                key="teach_image",
+                help="Any image of the test split; the trigger is stamped on a copy.",
+            )
+        )
+        image = to_float(data.images[i])
+        stamped = trigger.apply(image[None])[0]
+        who = teacher if step == 0 else None
+        if step == 1 and "feature-kd" in students:
+            path = students["feature-kd"]
+            who, _ = load_model(str(path), path.stat().st_mtime)
+        if who is not None:
+            label = "teacher" if step == 0 else "plain KD student"
+            figures["stamp"] = stamp_figure(
+                image,
+                stamped,
+                f"clean: {label} says {_prediction(who, image, data)}",
+                f"triggered: {label} says {_prediction(who, stamped, data)}",
+            )
+    if step == 0:
+        pic = figures["stamp"]
+    elif step == 1:
+        pic = lesson_bars(report, ["feature-kd"], "The plain KD student inherits the backdoor")
+        if "stamp" in figures:
+            show_chart(figures["stamp"], "teach_student_flip")
+    elif step == 2:
+        layers = list(getattr(teacher, "feature_layers", []))
+        layer = st.selectbox("Teacher layer", layers, index=0, key="teach_layer")
+        key = f"{teacher_file.name}:{teacher_file.stat().st_mtime}"
+        cmp = unit_variance(
+            key,
+            layer,
+            json.dumps(trigger.to_dict(), sort_keys=True),
+            teacher,
+            data.subset(range(min(N_VARIANCE, len(data)))),
+        )
+        pic = projector(spatial_variance_figure(cmp), 420)
+        sentences[2] = variance_sentences(cmp)
+        figures["channels"] = projector(channel_variance_figure(cmp), 380)
+    elif step == 3:
+        pic = flagged_figure(report["methods"]["robustkd"])
+        figures["bars"] = lesson_bars(
+            report, ["feature-kd", "robustkd", "scratch"], "RobustKD stops the transfer"
+        )
+    else:
+        pic = price_figure(report, list(LESSON_METHODS))
+    for line in sentences[step]:
+        st.markdown(f"#### {line}")
+    show_chart(pic, f"teach_step{step + 1}")
+    if step == 2:
+        show_chart(figures["channels"], "teach_step3_channels")
+    if step == 3:
+        show_chart(figures["bars"], "teach_step4_bars")
+    if step == 4:
+        rows = [("teacher", report["teacher"])] + [
+            (m, report["methods"][m]) for m in LESSON_METHODS if m in report["methods"]
+        ]
+        st.dataframe(
+            [
+                {
+                    "model": LABELS.get(m, m),
+                    "ACC %": round(100 * r["acc"], 2),
+                    "ASR %": round(100 * r["asr"], 2) if r.get("asr") is not None else None,
+                    "parameters": r.get("params"),
+                    "FLOPs": r.get("flops"),
+                    "file (KB)": round(r["size_bytes"] / 1024) if r.get("size_bytes") else None,
+                }
+                for m, r in rows
+            ],
+            hide_index=True,
+        )
+    _links(step)
+    back, _, nxt = st.columns([1, 4, 1])
+    back.button(
+        "Back", key="teach_back", disabled=step == 0, on_click=_go, args=(step - 1,)
+    )
+    nxt.button(
+        "Next step",
+        key="teach_next",
+        type="primary",
+        disabled=step == len(STEPS) - 1,
+        on_click=_go,
+        args=(step + 1,),
+    )
+    st.caption(f"Results of {name}: `{redact_paths(report.get('command') or '')}`")
+    st.download_button(
+        "Download the lesson (one-page HTML)",
+        data=lambda: handout(report, sentences, name),
+        file_name="robustkd-lesson.html",
+        mime="text/html",
+        key="teach_handout",
+        on_click="ignore",
+    )
+
+
+def handout(report: dict[str, Any], sentences: list[list[str]], name: str) -> str:
+    """The lesson's results as one page (the figures that need no chosen image or layer)."""
+    figures = [
+        [],
+        [lesson_bars(report, ["feature-kd"], "The plain KD student inherits the backdoor")],
+        [],
+        [
+            flagged_figure(report["methods"]["robustkd"]),
+            lesson_bars(
+                report, ["feature-kd", "robustkd", "scratch"], "RobustKD stops the transfer"
+            ),
+        ],
+        [price_figure(report, list(LESSON_METHODS))],
+    ]
+    sections = [
+        (title, lines, figs) for title, lines, figs in zip(STEPS, sentences, figures, strict=True)
+    ]
+    return lesson_html(f"Backdoor transfer in knowledge distillation ({name})", sections)
+
+
 st.title("Teach")
 st.markdown(
-    "A public teacher may carry a backdoor. This demo distils the shipped backdoored teacher "
-    "into a small student twice — with plain feature KD and with RobustKD — and measures clean "
-    "accuracy (ACC) and attack success rate (ASR) of each."
+    "#### A public teacher may carry a backdoor. Does a small student distilled from it inherit "
+    "the backdoor, and can RobustKD stop it? Five steps, with results measured on real models."
 )
+chosen = source()
+if chosen is not None:
+    try:
+        lesson(*chosen)
+    except RobustKDError as exc:
+        show_error(exc)
+
+st.divider()
+st.subheader("Run it yourself")
 demo = current_demo()
 try:
     active = demo is not None and refresh_state(demo).get("state") in ACTIVE_STATES
 except RobustKDError:
     active = False
-if st.button("Run the demo", key="teach_start", type="primary", disabled=active):
+st.caption(
+    f"Trains the three students again from the shipped teacher with the {DEMO_PRESET} preset "
+    "(a few minutes on a laptop); the steps switch to your run when it ends."
+)
+if st.button("Run it yourself", key="teach_start", type="primary", disabled=active):
     try:
         teacher = default_teacher_path()
         if not teacher.is_file():
@@ -193,8 +475,8 @@ if st.button("Run the demo", key="teach_start", type="primary", disabled=active)
     else:
         st.session_state[RUN_KEY] = demo.id
         st.rerun()
-if demo is None:
-    st.caption(f"Runs `robustkd compare` with the {DEMO_PRESET} preset on the shipped teacher.")
-    st.stop()
-st.caption(f"`robustkd {redact_paths(shlex.join(str(a) for a in demo.config.get('argv', [])))}`")
-st.fragment(run_every=2 if active else None)(panel)(demo.id, active)
+if demo is not None:
+    st.caption(
+        f"`robustkd {redact_paths(shlex.join(str(a) for a in demo.config.get('argv', [])))}`"
+    )
+    st.fragment(run_every=2 if active else None)(panel)(demo.id, active)

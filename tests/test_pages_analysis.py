@@ -263,7 +263,7 @@ def demo_run(root: Path) -> Run:
     runs = list_runs(root)
     assert len(runs) == 1
     run = runs[0]
-    assert run.config["methods"] == ["feature-kd", "robustkd"]
+    assert run.config["methods"] == ["scratch", "feature-kd", "robustkd"]
     assert run.config["options"]["preset"] == "fashion-badnets-quick"
     return run
 
@@ -273,22 +273,31 @@ def test_teach_demo_reports_the_numbers_it_measured(
 ) -> None:
     monkeypatch.setenv("ROBUSTKD_TEACH_OPTIONS", json.dumps(TINY_DEMO))
     at = open_page("teach", tmp_path)
+    assert at.radio(key="teach_source").value == "The shipped lesson"
     at.button(key="teach_start").click().run()
     assert not at.exception and not at.error
     run = demo_run(env)
     assert run.config["options"]["distill_size"] == 300
     assert wait_for(run, 120) == "done", run.log_tail()
 
-    fresh = open_page("teach", tmp_path)  # a new session finds the demo by itself
+    # a new session finds the demo by itself, and the steps switch to it
+    fresh = open_page("teach", tmp_path)
+    assert fresh.radio(key="teach_source").value == "Your run"
     report = json.loads((run.path / "report.json").read_text())
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
-    captions = [c.value for c in fresh.caption if c.value[:1] in "123"]
     t, kd, rk = report["teacher"], report["methods"]["feature-kd"], report["methods"]["robustkd"]
-    assert len(captions) == 3
-    assert f"ACC {pct(t['acc'])}, ASR {pct(t['asr'])}" in captions[0]
-    assert "feature-kd" in captions[1] and f"ASR {pct(kd['asr'])}" in captions[1]
-    assert f"ASR {pct(rk['asr'])} at ACC {pct(rk['acc'])}" in captions[2]
-    assert len(fresh.get("plotly_chart")) == 1 and not fresh.button(key="teach_start").disabled
+    said = lambda at: " ".join(m.value for m in at.markdown)  # noqa: E731
+    assert f"ACC {pct(t['acc'])}" in said(fresh) and f"{pct(t['asr'])}" in said(fresh)
+    fresh.button(key="teach_next").click().run()
+    assert f"ASR {pct(kd['asr'])}" in said(fresh)
+    fresh.segmented_control(key="teach_step").set_value("4 · RobustKD").run()
+    assert not fresh.exception and f"ASR is {pct(rk['asr'])}" in said(fresh)
+    assert f"run {run.id}" in " ".join(c.value for c in fresh.caption)
+    assert any("Your run is done" in s.value for s in fresh.success)
+    assert not fresh.button(key="teach_start").disabled
+    # back to the shipped lesson: its numbers, not the run's
+    fresh.radio(key="teach_source").set_value("The shipped lesson").run()
+    assert "the shipped lesson" in " ".join(c.value for c in fresh.caption)
 
 
 def test_teach_demo_can_be_cancelled(
