@@ -6,9 +6,10 @@ built by ``make lesson``; ``robustkd.experiments.lesson``): (1) the teacher and 
 one picture, two or three sentences worded from the numbers, and links to the page that
 explores it further. "Run it yourself" re-runs the lesson live (``robustkd compare --methods
 scratch,feature-kd,robustkd --preset fashion-badnets-quick`` on the shipped teacher, in the
-background); when it ends, the steps switch to that run. ``$ROBUSTKD_TEACH_OPTIONS`` may hold a
-JSON object of extra ``compare`` options (CLI names with ``_``, e.g. ``{"distill_size": 300,
-"epochs": 1}``) — tests use it for tiny runs.
+background); when it ends, the steps switch to that run. A session sees only its own live run,
+or the one its address names (``?run=ID``): a lecturer can share that link with the class.
+``$ROBUSTKD_TEACH_OPTIONS`` may hold a JSON object of extra ``compare`` options (CLI names with
+``_``, e.g. ``{"distill_size": 300, "epochs": 1}``) — tests use it for tiny runs.
 
 What every session shows the same (models, test images, variance statistics) is computed once
 per server and shared read-only (``st.cache_resource``); a session keeps only its choices.
@@ -42,10 +43,10 @@ from robustkd.experiments.lesson import (
     student_paths,
 )
 from robustkd.models.checkpoints import DEFAULT_TEACHER
-from robustkd.models.modelcard import normalized_for
+from robustkd.models.modelcard import attack_mode_of, normalized_for
 from robustkd.runs.liveness import refresh_state
 from robustkd.runs.queue import queue_position, start_queued
-from robustkd.runs.store import ACTIVE_STATES, Run, list_runs
+from robustkd.runs.store import ACTIVE_STATES, Run
 from robustkd.viz.figures import training_curves
 from robustkd.viz.lesson_figures import (
     LABELS,
@@ -65,6 +66,7 @@ DEMO_PRESET = "fashion-badnets-quick"
 DEMO_METHODS = list(LESSON_METHODS)
 OPTIONS_ENV = "ROBUSTKD_TEACH_OPTIONS"
 RUN_KEY = "teach_run"
+RUN_PARAM = "run"  # the live run in the page's address
 
 
 def demo_options() -> dict[str, Any]:
@@ -99,14 +101,20 @@ def is_demo(run: Run) -> bool:
 
 
 def current_demo() -> Run | None:
-    """This session's demo run, else the newest demo run in the runs folder."""
-    run_id = st.session_state.get(RUN_KEY)
-    if run_id:
-        try:
-            return Run.open(runs_root(), run_id)
-        except RobustKDError:
-            st.session_state.pop(RUN_KEY, None)
-    return next((r for r in list_runs(runs_root()) if is_demo(r)), None)
+    """This session's live run, or the one the page's address names (``?run=ID``, set when the
+    run starts, so reopening or sharing the address finds it); never another session's run."""
+    run_id = st.session_state.get(RUN_KEY) or st.query_params.get(RUN_PARAM)
+    if not run_id:
+        return None
+    try:
+        run = Run.open(runs_root(), str(run_id))
+    except RobustKDError:
+        run = None
+    if run is None or not is_demo(run):
+        st.session_state.pop(RUN_KEY, None)
+        return None
+    st.session_state[RUN_KEY] = run.id
+    return run
 
 
 def progress_of(status: dict[str, Any], methods: list[str]) -> float:
@@ -293,7 +301,9 @@ def source() -> tuple[dict[str, Any], Path, dict[str, Path], str] | None:
     return report, DEFAULT_TEACHER, student_paths(report, folder), "the shipped lesson"
 
 
-def lesson(report: dict[str, Any], teacher_file: Path, students: dict[str, Path], name: str):
+def lesson(
+    report: dict[str, Any], teacher_file: Path, students: dict[str, Path], name: str
+) -> None:
     if not teacher_file.is_file():
         raise ConfigError(
             f"The lesson's teacher {teacher_file.name} is missing; run 'make teacher'."
@@ -308,7 +318,7 @@ def lesson(report: dict[str, Any], teacher_file: Path, students: dict[str, Path]
     target = meta.get("target")
     classes = list(meta.get("classes") or [])
     data = normalized_for(meta, load_split(meta.get("dataset") or "fashion-mnist", "test"))
-    sentences = lesson_sentences(report, classes, target)
+    sentences = lesson_sentences(report, classes, target, attack_mode_of(meta))
     st.session_state.setdefault("teach_step", STEPS[0])
     step_name = (
         st.segmented_control("Step", STEPS, key="teach_step", label_visibility="collapsed")
@@ -352,7 +362,7 @@ def lesson(report: dict[str, Any], teacher_file: Path, students: dict[str, Path]
     elif step == 2:
         layers = list(getattr(teacher, "feature_layers", []))
         layer = st.selectbox("Teacher layer", layers, index=0, key="teach_layer")
-        key = f"{teacher_file.name}:{teacher_file.stat().st_mtime}"
+        key = f"{teacher_file}:{teacher_file.stat().st_mtime}"
         cmp = unit_variance(
             key,
             layer,
@@ -474,6 +484,7 @@ if st.button("Run it yourself", key="teach_start", type="primary", disabled=acti
         show_error(exc)
     else:
         st.session_state[RUN_KEY] = demo.id
+        st.query_params[RUN_PARAM] = demo.id
         st.rerun()
 if demo is not None:
     st.caption(

@@ -134,8 +134,9 @@ def test_mass_overlay_and_latency(student: nn.Module) -> None:
 # --------------------------------------------------------------------------- pages
 
 
-def open_page(name: str, tmp_path: Path) -> AppTest:
-    """The app on its default page, then switched to ``pages/<name>.py``."""
+def open_page(name: str, tmp_path: Path, query: dict[str, str] | None = None) -> AppTest:
+    """The app on its default page, then switched to ``pages/<name>.py`` (with ``query`` as
+    the address's query parameters)."""
     paths = [str(ROOT / "pages" / f"{p}.py") for p in PAGES]
     if f"{name}.py" in MAIN.read_text():
         at = AppTest.from_file(str(MAIN), default_timeout=120)
@@ -145,6 +146,7 @@ def open_page(name: str, tmp_path: Path) -> AppTest:
         at = AppTest.from_file(str(script), default_timeout=120)
     at.run()
     assert not at.exception
+    at.query_params.update(query or {})
     at.switch_page(str(ROOT / "pages" / f"{name}.py")).run()
     assert not at.exception, at.exception
     return at
@@ -280,8 +282,12 @@ def test_teach_demo_reports_the_numbers_it_measured(
     assert run.config["options"]["distill_size"] == 300
     assert wait_for(run, 120) == "done", run.log_tail()
 
-    # a new session finds the demo by itself, and the steps switch to it
-    fresh = open_page("teach", tmp_path)
+    # another session does not see it ...
+    other = open_page("teach", tmp_path)
+    assert other.radio(key="teach_source").options == ["The shipped lesson"]
+    assert not any("Your run is done" in s.value for s in other.success)
+    # ... unless its address names it (reopened or shared): then the steps switch to it
+    fresh = open_page("teach", tmp_path, {"run": run.id})
     assert fresh.radio(key="teach_source").value == "Your run"
     report = json.loads((run.path / "report.json").read_text())
     pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731

@@ -165,14 +165,19 @@ def _pct(value: float | None) -> str:
 
 
 def lesson_sentences(
-    report: dict[str, Any], classes: Sequence[str] = (), target: int | None = None
+    report: dict[str, Any],
+    classes: Sequence[str] = (),
+    target: int | None = None,
+    mode: str = "all-to-one",
 ) -> list[list[str]]:
     """Two or three plain sentences per lesson step, worded by what the numbers show
-    (``classes`` and ``target``: the teacher's, to name the attacker's class)."""
+    (``classes``, ``target`` and ``mode``: the teacher's, to name the attacker's aim)."""
     t, rows, info = report["teacher"], report["methods"], report.get("scenario") or {}
     kd, rk, sc = rows.get("feature-kd", {}), rows.get("robustkd", {}), rows.get("scratch", {})
     name = classes[target] if isinstance(target, int) and 0 <= target < len(classes) else None
     aim = f"class {target} ({name})" if name else "the attacker's target class"
+    if mode == "all-to-all":
+        aim = "the class after their own (an all-to-all backdoor)"
     t_asr, kd_asr, rk_asr = t.get("asr") or 0.0, kd.get("asr") or 0.0, rk.get("asr") or 0.0
     rate = info.get("rate")
     share = f"{100 * rate:.0f} % of the" if rate else "some"
