@@ -2,20 +2,58 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import numpy as np
 import streamlit as st
 import torch
 
-from app.state import current_teacher, show_error, teacher_path, test_set_for
-from robustkd.analysis.metrics import evaluate, predict
+from app.state import (
+    current_teacher,
+    data_key,
+    show_error,
+    teacher_options,
+    teacher_path,
+    test_set_for,
+)
+from robustkd.analysis.metrics import Evaluation, evaluate, predict
 from robustkd.attacks import trigger_from_dict
+from robustkd.data.datasets import ImageDataset
 from robustkd.errors import RobustKDError
-from robustkd.models.modelcard import model_card
+from robustkd.models.modelcard import ModelCard, model_card
+
+
+# What every session shows the same is computed once per server: the card (it counts FLOPs
+# with a forward pass) and the measured ACC/ASR, keyed on the teacher file's version, its
+# model options and the data (a page switch then costs no evaluation).
+@st.cache_resource(max_entries=16)
+def card_of(model_key: str, path: str, _model: torch.nn.Module, _meta: dict[str, Any]) -> ModelCard:
+    return model_card(path, _model, _meta)
+
+
+@st.cache_resource(show_spinner="Measuring the teacher …", max_entries=64)
+def measured(
+    model_key: str,
+    n: int,
+    trigger_json: str | None,
+    target: int | None,
+    mode: str,
+    _model: torch.nn.Module,
+    _data: ImageDataset,
+) -> Evaluation:
+    trigger = trigger_from_dict(json.loads(trigger_json)) if trigger_json else None
+    return evaluate(_model, _data.subset(range(n)), trigger, target, mode)
+
 
 st.title("Teacher")
 try:
     model, meta = current_teacher()
-    card = model_card(teacher_path(), model, meta)
+    path = teacher_path()
+    model_key = json.dumps(
+        [str(path), path.stat().st_mtime, teacher_options(), data_key()], sort_keys=True
+    )
+    card = card_of(model_key, str(path), model, meta)
     data = test_set_for(meta)
     trigger = trigger_from_dict(card.trigger) if card.trigger else None
 except RobustKDError as exc:
@@ -42,9 +80,11 @@ st.subheader("Measured now")
 # an uploaded test set may be small: offer only counts it holds, and all of it
 sizes = sorted({v for v in (200, 500, 1000, 2000, 5000) if v < len(data)} | {len(data)})
 n = st.select_slider("Test images", options=sizes, value=min(1000, len(data)))
-sub = data.subset(range(min(n, len(data))))
 try:
-    result = evaluate(model, sub, trigger, card.target, card.attack_mode)
+    trigger_json = json.dumps(card.trigger, sort_keys=True) if card.trigger else None
+    result = measured(
+        model_key, min(n, len(data)), trigger_json, card.target, card.attack_mode, model, data
+    )
 except RobustKDError as exc:  # e.g. a trigger with no target class recorded
     show_error(exc)
     st.stop()

@@ -41,6 +41,28 @@ def test_changing_sample_count_changes_the_measurement(app: AppTest) -> None:
     assert before != after and after.startswith("200 clean")
 
 
+def test_a_page_switch_back_to_the_teacher_measures_nothing_again(
+    app: AppTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamlit as st
+
+    import robustkd.analysis.metrics as metrics
+
+    calls = []
+    real = metrics.evaluate
+    monkeypatch.setattr(metrics, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    st.cache_resource.clear()
+    app.run()
+    first = _metric(app, "ACC")
+    app.switch_page(str(ROOT / "pages" / "compare.py")).run()
+    app.switch_page(str(ROOT / "pages" / "teacher.py")).run()
+    app.run()
+    assert not app.exception and _metric(app, "ACC") == first
+    assert len(calls) == 1  # shared by every session and rerun until the teacher changes
+    app.select_slider[0].set_value(200).run()
+    assert len(calls) == 2
+
+
 def test_missing_teacher_is_one_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ROBUSTKD_TEACHER", str(tmp_path / "gone.safetensors"))
     at = AppTest.from_file(MAIN, default_timeout=60)
