@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Imported once, before any session: Plotly reads sys.modules['pandas'] without importing it,
+# so a first st.dataframe importing pandas in one session's thread broke other sessions'
+# charts with a half-initialised module (seen with 30 sessions at once).
+import pandas  # noqa: F401
 import streamlit as st
 
 from app.state import sidebar
