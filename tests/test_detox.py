@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from robustkd.analysis.features import activations, feature_stats, variance_score
-from robustkd.analysis.metrics import evaluate
+from robustkd.analysis.metrics import Evaluation, backdoor_targets, evaluate
 from robustkd.attacks import Trigger, create_trigger
 from robustkd.attacks.poison import Poisoning, poison_dataset
 from robustkd.data.datasets import ImageDataset
@@ -26,6 +26,7 @@ from robustkd.defenses.detox import (
     fit_screen,
     fit_threshold,
     split_halves,
+    stratified_order,
 )
 from robustkd.errors import CheckpointError, ConfigError
 from robustkd.models.checkpoints import load_checkpoint
@@ -323,28 +324,157 @@ def test_fit_screen_without_flagged_units(
 # --------------------------------------------------------------------------- preview
 
 
+def _reference(
+    teacher: nn.Module,
+    fit: ThresholdFit,
+    layer: str,
+    threshold: float | None,
+    data: ImageDataset,
+    trigger: Trigger | None,
+    mode: str = "all-to-one",
+    blend: float = 1.0,
+) -> Evaluation:
+    """The straightforward computation: full forward passes with ``layer`` detoxified."""
+    full = fit.detoxifier(threshold, blend)
+    only = Detoxifier({layer: full.detox[full.names.index(layer)]}, "threshold")
+    with only.attach(teacher):
+        return evaluate(teacher, data, trigger, TARGET if trigger is not None else None, mode)
+
+
+def _positions(fit: ThresholdFit, layer: str, threshold: float | None) -> torch.Tensor:
+    """Flat positions holding a flagged unit."""
+    return torch.nonzero(fit.layers[layer].mask(threshold).any(0).flatten()).flatten()
+
+
+@pytest.mark.parametrize("mode", ["all-to-one", "all-to-all"])
 @pytest.mark.parametrize("layer", ["block1", "block2", "block3"])
 def test_preview_matches_full_evaluation(
-    teacher: nn.Module, fit: ThresholdFit, small_test: ImageDataset, trigger: Trigger, layer: str
+    teacher: nn.Module,
+    fit: ThresholdFit,
+    small_test: ImageDataset,
+    trigger: Trigger,
+    layer: str,
+    mode: str,
 ) -> None:
-    preview = DetoxPreview(teacher, fit, layer, small_test, trigger, TARGET)
-    assert preview.tail is not None  # the fast path is what is tested here
-    base = evaluate(teacher, small_test, trigger, TARGET)
-    differs = False
-    for threshold in (2.0, None):
+    preview = DetoxPreview(teacher, fit, layer, small_test, trigger, TARGET, mode=mode)
+    assert preview.tail is not None and preview.engine is not None  # the fast path is tested
+    base = evaluate(teacher, small_test, trigger, TARGET, mode)
+    default = fit.layers[layer].default_threshold
+    differs = sparse = False
+    # the clean default, a wider mask, the lowest slider stop (most units), and none flagged
+    for threshold in (2.0, None, 0.5 * default, 1.0, 1e5):
         got = preview(threshold)
-        full = fit.detoxifier(threshold)
-        only = Detoxifier({layer: full.detox[full.names.index(layer)]}, "threshold")
-        with only.attach(teacher):
-            ev = evaluate(teacher, small_test, trigger, TARGET)
+        ev = _reference(teacher, fit, layer, threshold, small_test, trigger, mode)
+        assert got.complete
         assert got.acc == pytest.approx(ev.acc, abs=1e-6)
         assert got.asr == pytest.approx(ev.asr, abs=1e-6)
-        assert got.n_clean == ev.n_clean and got.n_triggered == ev.n_triggered
+        assert got.n_clean == ev.n_clean == preview.n_clean
+        assert got.n_triggered == ev.n_triggered == preview.n_triggered
         assert got.flagged_units == fit.flagged_units(threshold)[layer]
         differs |= (ev.acc, ev.asr) != (base.acc, base.asr)
+        plan = preview.engine.plan(_positions(fit, layer, threshold))
+        sparse |= not plan.empty and plan.support[preview.engine.input] is not None
+    untouched = preview(1e5)  # no unit flagged: the teacher itself
+    assert untouched.flagged_units == 0 and untouched.complete
+    assert (untouched.acc, untouched.asr) == pytest.approx((base.acc, base.asr), abs=1e-6)
+    assert sparse  # some threshold took the incremental path (not only dense re-runs)
     assert _no_hooks(teacher)
     if layer != "block3":  # at block3 the tiny teacher's prediction may not budge
         assert differs
+
+
+def test_preview_per_channel_and_partial_blend(
+    teacher: nn.Module,
+    trusted: ImageDataset,
+    poisoning: Poisoning,
+    small_test: ImageDataset,
+    trigger: Trigger,
+) -> None:
+    """Whole flagged channels (every position changes: dense re-runs) and a half blend."""
+    fit = fit_threshold(teacher, trusted, poisoning.dataset, granularity="channel")
+    for layer in ("block1", "block2"):
+        preview = DetoxPreview(teacher, fit, layer, small_test, trigger, TARGET)
+        for threshold, blend in ((None, 1.0), (None, 0.5), (1.5, 1.0), (None, 0.0)):
+            got = preview(threshold, blend)
+            ev = _reference(teacher, fit, layer, threshold, small_test, trigger, blend=blend)
+            assert (got.acc, got.asr) == pytest.approx((ev.acc, ev.asr), abs=1e-6)
+
+
+def test_stratified_order_keeps_class_shares_in_every_prefix() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)[torch.randperm(100)]
+    order = stratified_order(labels)
+    assert sorted(order.tolist()) == list(range(100))
+    shares = torch.bincount(labels, minlength=4).double() / 100
+    for m in range(1, 101):
+        counts = torch.bincount(labels[order[:m]], minlength=4).double()
+        assert (counts - m * shares).abs().max() <= 1.0, m
+    for c in range(4):  # each class keeps its own order
+        members = order[labels[order] == c]
+        assert torch.equal(members, members.sort().values)
+    assert stratified_order(torch.zeros(0, dtype=torch.long)).numel() == 0
+
+
+@pytest.mark.parametrize("mode", ["all-to-one", "all-to-all"])
+def test_preview_budget_answers_on_a_stratified_part_then_completes(
+    teacher: nn.Module, fit: ThresholdFit, small_test: ImageDataset, trigger: Trigger, mode: str
+) -> None:
+    layer = "block1"
+    threshold = 0.5 * fit.layers[layer].default_threshold
+    preview = DetoxPreview(
+        teacher, fit, layer, small_test, trigger, TARGET, batch_size=32, mode=mode
+    )
+    quick = preview(threshold, budget_ms=0.0)  # no time at all: one chunk of each part
+    assert not quick.complete
+    assert (quick.n_clean, quick.n_triggered) == (32, 32)
+    assert quick.flagged_units == fit.flagged_units(threshold)[layer]
+    # the part is the first images of the class-stratified orders, and its numbers are theirs
+    labels = small_test.labels
+    clean = stratified_order(labels)[: quick.n_clean]
+    shares = torch.bincount(labels, minlength=10).double() / len(labels)
+    assert (torch.bincount(labels[clean], minlength=10) - quick.n_clean * shares).abs().max() <= 1
+    ev = _reference(teacher, fit, layer, threshold, small_test.subset(clean), None)
+    assert quick.acc == pytest.approx(ev.acc, abs=1e-6)
+    targets = backdoor_targets(labels, TARGET, mode, small_test.num_classes)
+    keep = torch.nonzero(labels != targets).flatten()
+    keep = keep[stratified_order(labels[keep])][: quick.n_triggered]
+    ev = _reference(teacher, fit, layer, threshold, small_test.subset(keep), trigger, mode)
+    assert quick.asr == pytest.approx(ev.asr, abs=1e-6)
+    assert preview(threshold, budget_ms=0.0) == quick  # still no time: nothing more
+    # a call without a budget carries on from there, to every image
+    full = preview(threshold)
+    ev = _reference(teacher, fit, layer, threshold, small_test, trigger, mode)
+    assert full.complete and (full.n_clean, full.n_triggered) == (ev.n_clean, ev.n_triggered)
+    assert (full.acc, full.asr) == pytest.approx((ev.acc, ev.asr), abs=1e-6)
+    assert preview(threshold, budget_ms=0.0) == full  # done: the complete answer at once
+    fresh = DetoxPreview(teacher, fit, layer, small_test, trigger, TARGET, mode=mode)
+    assert fresh(threshold, budget_ms=1e9) == full  # a budget that suffices: complete at once
+
+
+def test_preview_remembers_recent_masks(
+    teacher: nn.Module, fit: ThresholdFit, small_test: ImageDataset, trigger: Trigger
+) -> None:
+    data = small_test.subset(range(120))
+    preview = DetoxPreview(teacher, fit, "block2", data, trigger, TARGET, remember=2)
+    assert preview.engine is not None
+    runs: list[int] = []
+    logits = preview.engine.logits
+    preview.engine.logits = lambda *a, **k: runs.append(1) or logits(*a, **k)  # type: ignore[method-assign]
+
+    def computed(threshold: float) -> int:
+        before = len(runs)
+        preview(threshold)
+        return len(runs) - before
+
+    scores = fit.layers["block2"].scores.flatten().unique().sort().values
+    low, mid, high = (float(scores[-k]) for k in (12, 6, 3))  # three different masks
+    assert computed(low) > 0 and computed(low) == 0  # a revisit: remembered
+    nearby = float(scores[-12] + 0.5 * (scores[-11] - scores[-12]))  # the same units flagged
+    assert computed(nearby) == 0
+    assert computed(mid) > 0 and computed(high) > 0  # low is now the oldest of three
+    assert computed(mid) == 0 and computed(low) > 0
+    once = DetoxPreview(teacher, fit, "block2", data, trigger, TARGET, remember=0)
+    assert once(low) == once(low) == preview(low)
+    assert not once._memo
 
 
 def test_preview_errors(

@@ -18,7 +18,8 @@ from robustkd.analysis.predictions import flip_grid, top_k_predictions
 from robustkd.attacks import create_trigger, trigger_names
 from robustkd.data.datasets import ImageDataset
 from robustkd.data.images import read_image, to_display
-from robustkd.defenses.detox import LayerFit
+from robustkd.defenses import detox
+from robustkd.defenses.detox import DetoxPreview, LayerFit, Preview
 from robustkd.errors import ConfigError, DataError
 from robustkd.models import create_model
 from robustkd.models.checkpoints import load_checkpoint
@@ -454,6 +455,37 @@ def _caption(at: AppTest, start: str) -> str:
 
 def _metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
+
+
+@pytest.mark.usefixtures("app_env")
+def test_variance_page_first_answer_then_all_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no time for the whole preview, the page first answers from part of the images,
+    then shows the answer on all of them."""
+    import streamlit as st
+
+    st.cache_resource.clear()  # a fresh preview: nothing remembered from other tests
+    monkeypatch.setattr(detox, "INTERACTIVE_MS", 0.0)
+    answers: list[tuple[float | None, Preview]] = []
+    call = DetoxPreview.__call__
+
+    def spy(self: DetoxPreview, *args: object, budget_ms: float | None = None) -> Preview:
+        result = call(self, *args, budget_ms=budget_ms)  # type: ignore[arg-type]
+        answers.append((budget_ms, result))
+        return result
+
+    monkeypatch.setattr(DetoxPreview, "__call__", spy)
+    at = open_page("variance.py")
+    at.select_slider(key="var_n").set_value(100)
+    at.number_input(key="var_trusted").set_value(100)
+    at.run()
+    assert not at.exception and not at.error
+    (budget, first), (again, full) = answers[-2:]
+    assert budget == 0.0 and not first.complete and first.n_clean < 100
+    assert again is None and full.complete and full.n_clean == 100
+    help_acc = next(m.help for m in at.metric if m.label == "Detoxified ACC")
+    assert help_acc.startswith("100 test images;")
+    assert f"{100 * full.acc:.2f} %" == _metric(at, "Detoxified ACC")
+    assert not any("First answer on" in c.value for c in at.caption)  # replaced by all
 
 
 @pytest.mark.usefixtures("app_env")

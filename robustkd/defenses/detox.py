@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -38,6 +42,7 @@ from robustkd.analysis.features import (
     resolve_layers,
     variance_score,
 )
+from robustkd.analysis.incremental import IncrementalTail, TailPlan
 from robustkd.attacks import Trigger
 from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import CheckpointError, ConfigError
@@ -371,23 +376,66 @@ def fit_learned(
 # --------------------------------------------------------------------------- preview
 
 
+# what an interactive preview call should take at most (the Feature variance page's slider)
+INTERACTIVE_MS = 150.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Preview:
+    """ACC/ASR of a detoxified teacher. ``complete`` is False for a first answer within a time
+    budget: then ``n_clean``/``n_triggered`` say how many (class-stratified) images it used."""
+
     acc: float
     asr: float | None
     flagged_units: int
     n_clean: int
     n_triggered: int
+    complete: bool = True
+
+
+def stratified_order(labels: torch.Tensor) -> torch.Tensor:
+    """An order of ``labels``' indices whose every prefix holds the classes in about their
+    overall shares (each class's images keep their order): the ``r``-th image of a class of
+    ``n`` sorts at ``(r + ½) / n``."""
+    labels = labels.cpu()
+    if labels.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    rank = torch.zeros(labels.numel(), dtype=torch.float64)
+    for c in range(counts.numel()):
+        members = torch.nonzero(inverse == c).flatten()
+        rank[members] = (torch.arange(members.numel(), dtype=torch.float64) + 0.5) / members.numel()
+    return torch.sort(rank, stable=True).indices
+
+
+@dataclasses.dataclass
+class _Progress:
+    """The predictions for one flagged-unit mask so far: rows ``[0, done[0])`` of the clean
+    part and ``[0, done[1])`` of the triggered part are computed."""
+
+    preds: torch.Tensor
+    plan: TailPlan | None
+    edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    done: list[int]
+    s_per_row: float = 0.0  # seconds, as the last step took
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 class DetoxPreview:
     """ACC/ASR of the threshold-detoxified teacher at one layer, from cached activations.
 
     The layer's activations on the clean and triggered evaluation images are computed once;
-    each call re-runs only the rest of the network (see ``features.tail_from``). ``mode`` is
-    the attack's (``all-to-one`` or ``all-to-all``, as ``metrics.backdoor_targets``). The
-    preview keeps a private view of the teacher (``sharing.view``) and never hooks it, so one
-    preview may serve several callers at once.
+    each call re-runs only the rest of the network (``features.tail_from``), and of that only
+    what the flagged units reach (``incremental.IncrementalTail``: the detox changes a few
+    positions of the map). ``mode`` is the attack's (``all-to-one`` or ``all-to-all``, as
+    ``metrics.backdoor_targets``). The preview keeps a private view of the teacher
+    (``sharing.view``) and never hooks it, so one preview may serve several callers at once.
+
+    ``preview(threshold)`` evaluates every image. ``preview(threshold, budget_ms=…)`` stops
+    once the budget is spent and answers from the images done (``Preview.complete`` False;
+    the images run in a class-stratified order, clean and triggered ones alike, so any part
+    is a stratified sample); a later call for the same flagged units carries on from there.
+    The last ``remember`` masks' predictions are kept (0: none).
     """
 
     def __init__(
@@ -400,6 +448,7 @@ class DetoxPreview:
         target: int | None,
         batch_size: int = 2048,
         mode: str = "all-to-one",
+        remember: int = 64,
     ) -> None:
         from robustkd.analysis.features import activations, tail_from
         from robustkd.analysis.metrics import backdoor_targets
@@ -410,50 +459,58 @@ class DetoxPreview:
             )
         self.fit = fit.layers[layer]
         self.teacher, self.layer, self.batch_size = view(teacher), layer, batch_size
-        self.mode = mode
+        self.mode, self.remember = mode, int(remember)
         self.tail = tail_from(self.teacher, layer)
-        self.labels = data.labels.cpu()
-        self.clean = activations(self.teacher, data, layer)
-        self.triggered = None
+        # the images in a class-stratified order (see __call__'s budget)
+        labels = data.labels.cpu()
+        order = stratified_order(labels)
+        self.labels = labels[order]
+        parts = [activations(self.teacher, data.subset(order), layer)]
         self.trigger_targets = None
         if trigger is not None and target is not None:
-            targets = backdoor_targets(self.labels, target, mode, data.num_classes)
-            keep = torch.nonzero(self.labels != targets).flatten()
+            targets = backdoor_targets(labels, target, mode, data.num_classes)
+            keep = torch.nonzero(labels != targets).flatten()
+            keep = keep[stratified_order(labels[keep])]
             self.trigger_targets = targets[keep]
             if len(keep):  # none when every image is of the target class: ASR 0, as evaluate
-                self.triggered = activations(self.teacher, data.subset(keep), layer, trigger)
+                parts.append(activations(self.teacher, data.subset(keep), layer, trigger))
+        acts = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if acts.dim() == 4:  # oneDNN convolutions run faster on channels_last on CPU
+            # (only the activations: the tail's weights are the teacher's own, shared with
+            # every other user of the model, and stay as they are)
+            acts = acts.contiguous(memory_format=torch.channels_last)
+        self._acts = acts
+        n_clean = len(self.labels)
+        self.clean = acts[:n_clean]  # views of one tensor, in the stratified order
+        self.triggered = acts[n_clean:] if len(parts) > 1 else None
+        self.engine = None
+        if self.tail is not None and acts.dim() == 4:
+            self.engine = IncrementalTail(self.tail, acts, max_chunk=batch_size)
         # without a target there is no ASR (as on the fast path), so no trigger either
         self._data, self._target = data, target
         self._trigger = trigger if self.trigger_targets is not None else None
+        self._lock = threading.Lock()
+        self._memo: OrderedDict[tuple[bytes, float], _Progress] = OrderedDict()
 
-    def _stack(self) -> torch.Tensor:
-        """Clean and triggered activations in one channels_last tensor (built once)."""
-        if getattr(self, "_acts", None) is None:
-            parts = [self.clean] + ([self.triggered] if self.triggered is not None else [])
-            acts = torch.cat(parts)
-            if acts.dim() == 4:  # oneDNN convolutions run faster on channels_last on CPU
-                # (only the activations: the tail's weights are the teacher's own, shared with
-                # every other user of the model, and stay as they are)
-                acts = acts.contiguous(memory_format=torch.channels_last)
-            self._acts = acts
-        return self._acts
+    @property
+    def n_images(self) -> int:
+        """Clean and triggered images a complete answer evaluates."""
+        return int(self._acts.shape[0])
 
-    @torch.no_grad()
-    def _predict(self, detox: ThresholdDetox) -> torch.Tensor:
-        """Predictions for every cached image (clean first, then triggered)."""
-        acts = self._stack()
-        mask = detox.mask.bool()
-        if mask.any() and detox.blend > 0:  # only the flagged units change: touch only them
-            acts = acts.clone(memory_format=torch.preserve_format)
-            flagged = acts[:, mask]
-            acts[:, mask] = flagged + detox.blend * (detox.clean_mean[mask] - flagged)
-        preds = [
-            self.tail(acts[start : start + self.batch_size]).argmax(1)
-            for start in range(0, acts.shape[0], self.batch_size)
-        ]
-        return torch.cat(preds)
+    @property
+    def n_clean(self) -> int:
+        """Clean images a complete answer evaluates (its ``Preview.n_clean``)."""
+        return len(self.labels)
 
-    def __call__(self, threshold: float | None = None, blend: float = 1.0) -> Preview:
+    @property
+    def n_triggered(self) -> int:
+        """Triggered images a complete answer evaluates (0 without a trigger and target)."""
+        return 0 if self.trigger_targets is None else len(self.trigger_targets)
+
+    def __call__(
+        self, threshold: float | None = None, blend: float = 1.0, budget_ms: float | None = None
+    ) -> Preview:
+        start = time.perf_counter()
         check_threshold(threshold)
         detox = ThresholdDetox(self.fit.mask(threshold), self.fit.clean_mean, blend)
         if self.tail is None:  # untraceable model: full forward passes with the hook attached
@@ -464,17 +521,106 @@ class DetoxPreview:
             with d.attach(model):
                 ev = evaluate(model, self._data, self._trigger, self._target, self.mode)
             return Preview(ev.acc, ev.asr, detox.flagged, ev.n_clean, ev.n_triggered)
-        preds = self._predict(detox)
-        n_clean = int(self.clean.shape[0])
-        acc = float((preds[:n_clean] == self.labels).float().mean())
-        asr = None
-        n_trig = 0
-        if self.trigger_targets is not None:
-            n_trig = int(self.trigger_targets.shape[0])
-            # no triggered image outside the target class: undefined, as in evaluate
-            if self.triggered is not None and n_trig:
-                asr = float((preds[n_clean:] == self.trigger_targets).float().mean())
-        return Preview(acc, asr, detox.flagged, int(self.clean.shape[0]), n_trig)
+        progress = self._progress(detox)
+        with progress.lock:
+            deadline = None if budget_ms is None else start + budget_ms / 1000
+            self._advance(progress, detox, deadline)
+            return self._summary(progress, detox.flagged)
+
+    # ------------------------------------------------------------------ internals
+
+    def _progress(self, detox: ThresholdDetox) -> _Progress:
+        mask = detox.mask.bool()
+        changes = bool(mask.any()) and detox.blend > 0
+        key = (hashlib.sha1(mask.numpy().tobytes()).digest() if changes else b"", detox.blend)
+        with self._lock:
+            progress = self._memo.get(key)
+            if progress is not None:
+                self._memo.move_to_end(key)
+                return progress
+        plan = edit = None
+        if changes and self.engine is not None:
+            c, h, w = mask.shape
+            flagged = mask.permute(1, 2, 0).reshape(h * w, c)
+            mean = detox.clean_mean.permute(1, 2, 0).reshape(h * w, c)
+            blend = detox.blend
+
+            def edit(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                # as ThresholdDetox, on the flagged units only
+                m, target = flagged[idx], mean[idx]
+                return torch.where(m, vals + blend * (target - vals), vals)
+
+            plan = self.engine.plan(torch.nonzero(flagged.any(1)).flatten())
+        preds = torch.full((self.n_images,), -1, dtype=torch.long)
+        progress = _Progress(preds, plan, edit, [0, 0])
+        if self.remember > 0:
+            with self._lock:
+                progress = self._memo.setdefault(key, progress)
+                self._memo.move_to_end(key)
+                while len(self._memo) > self.remember:
+                    self._memo.popitem(last=False)
+        return progress
+
+    def _parts(self) -> list[tuple[int, int]]:
+        """(first row, rows) of the clean and the triggered part."""
+        n_clean = len(self.labels)
+        return [(0, n_clean), (n_clean, self.n_images - n_clean)]
+
+    @torch.no_grad()
+    def _advance(self, progress: _Progress, detox: ThresholdDetox, deadline: float | None) -> None:
+        """Compute more rows of ``progress``: all, or until the next step would end after
+        ``deadline`` (``time.perf_counter()`` seconds); at least one step of each part."""
+        largest = self.engine.chunk if self.engine is not None else self.batch_size
+        # against a deadline, small steps first (a first answer soon), then larger ones
+        step = largest if deadline is None else min(largest, max(32, largest // 8))
+        parts = self._parts()
+        while True:
+            todo = [i for i, (_, n) in enumerate(parts) if progress.done[i] < n]
+            if not todo:
+                return
+            # the part least done next, so both stay about equally far along
+            i = min(todo, key=lambda j: progress.done[j] / parts[j][1])
+            first, n = parts[i]
+            rows = slice(first + progress.done[i], first + min(n, progress.done[i] + step))
+            started = all(progress.done[j] > 0 for j, (_, m) in enumerate(parts) if m)
+            if deadline is not None and started:
+                ahead = progress.s_per_row * (rows.stop - rows.start)
+                if time.perf_counter() + ahead > deadline:
+                    return
+            t0 = time.perf_counter()
+            progress.preds[rows] = self._logits(progress, detox, rows).argmax(1).cpu()
+            progress.s_per_row = (time.perf_counter() - t0) / (rows.stop - rows.start)
+            progress.done[i] = rows.stop - first
+            if all(progress.done[j] > 0 for j, (_, m) in enumerate(parts) if m):
+                step = min(largest, 2 * step)
+
+    def _logits(self, progress: _Progress, detox: ThresholdDetox, rows: slice) -> torch.Tensor:
+        assert self.tail is not None
+        if self.engine is not None:
+            if progress.plan is None:  # nothing flagged (or blend 0): the teacher's own
+                return self.engine.base_logits[rows]
+            assert progress.edit is not None
+            return self.engine.logits(progress.plan, progress.edit, rows)
+        acts = self._acts[rows]  # not a 4-D map: re-run the tail on the detoxified rows
+        mask = detox.mask.bool()
+        if mask.any() and detox.blend > 0:
+            acts = acts.clone()
+            flagged = acts[:, mask]
+            acts[:, mask] = flagged + detox.blend * (detox.clean_mean[mask] - flagged)
+        return self.tail(acts)
+
+    def _summary(self, progress: _Progress, flagged_units: int) -> Preview:
+        (_, n_clean), (first_trig, n_trig) = self._parts()
+        done_clean, done_trig = progress.done
+        preds = progress.preds
+        acc = float((preds[:done_clean] == self.labels[:done_clean]).float().mean())
+        asr = None  # no triggered image outside the target class: undefined, as in evaluate
+        if self.trigger_targets is not None and done_trig:
+            hits = preds[first_trig : first_trig + done_trig] == self.trigger_targets[:done_trig]
+            asr = float(hits.float().mean())
+        n_triggered = done_trig if self.trigger_targets is not None else 0
+        complete = done_clean == n_clean and done_trig == n_trig
+        return Preview(acc, asr, flagged_units, done_clean, n_triggered, complete)
 
 
 def auto_threshold(
