@@ -50,16 +50,15 @@ from robustkd.runs.store import ACTIVE_STATES, Run
 from robustkd.viz.figures import training_curves
 from robustkd.viz.lesson_figures import (
     LABELS,
+    channel_ratio_bars,
     flagged_figure,
     lesson_bars,
     price_figure,
-    projector,
     stamp_figure,
+    unit_ratio_map,
 )
 from robustkd.viz.variance_figures import (
-    channel_variance_figure,
     compare_layer,
-    spatial_variance_figure,
 )
 
 DEMO_PRESET = "fashion-badnets-quick"
@@ -196,6 +195,10 @@ STEPS = [
     "4 · RobustKD",
     "5 · The price",
 ]
+INTRO = (
+    "A public teacher may carry a backdoor. Does a small student distilled from it inherit "
+    "the backdoor, and can RobustKD stop it? Five steps, with results measured on real models."
+)
 PAGES = Path(__file__).resolve().parent
 LINKS = [
     [("teacher.py", "Teacher: its card and measurements"), ("triggers.py", "Triggers: build one")],
@@ -254,6 +257,25 @@ def variance_sentences(cmp: Any) -> list[str]:
 def _go(step: int) -> None:
     """Back / Next: runs before the step selector is drawn again."""
     st.session_state["teach_step"] = STEPS[max(0, min(step, len(STEPS) - 1))]
+    _remember()
+
+
+# Streamlit forgets a widget's value once a run does not draw it (the user opened another
+# page), so the lesson keeps its place under keys of its own and gives it back on return.
+KEPT = ("teach_step", "teach_image", "teach_layer", "teach_source")
+
+
+def _restore() -> None:
+    for key in KEPT:
+        kept = st.session_state.get(f"_{key}")
+        if key not in st.session_state and kept is not None:
+            st.session_state[key] = kept
+
+
+def _remember() -> None:
+    for key in KEPT:
+        if key in st.session_state:
+            st.session_state[f"_{key}"] = st.session_state[key]
 
 
 def _prediction(model: torch.nn.Module, image: torch.Tensor, data: ImageDataset) -> str:
@@ -281,7 +303,9 @@ def source() -> tuple[dict[str, Any], Path, dict[str, Path], str] | None:
         st.session_state["teach_source"] = YOURS
     if st.session_state.get("teach_source") not in options:
         st.session_state["teach_source"] = SHIPPED
-    choice = st.radio("Results", options, horizontal=True, key="teach_source")
+    choice = st.radio(
+        "Results", options, horizontal=True, key="teach_source", label_visibility="collapsed"
+    )
     if choice == YOURS and finished:
         run, report = finished
         teacher = Path(str(run.config.get("options", {}).get("teacher") or DEFAULT_TEACHER))
@@ -325,16 +349,36 @@ def lesson(
         or STEPS[0]
     )
     step = STEPS.index(step_name)
-    st.header(step_name)
+    # one picture beside its sentences, so that both fit a projector's 1280 × 720; Back and
+    # Next stay where they are from step to step: a click never moves the page
+    left, right = st.columns([3, 2], gap="medium")
+    back, nxt = right.columns(2)
+    back.button(
+        "Back",
+        key="teach_back",
+        disabled=step == 0,
+        on_click=_go,
+        args=(step - 1,),
+        width="stretch",
+    )
+    nxt.button(
+        "Next step",
+        key="teach_next",
+        type="primary",
+        disabled=step == len(STEPS) - 1,
+        on_click=_go,
+        args=(step + 1,),
+        width="stretch",
+    )
+    right.header(step_name)
     figures = {}
 
     if step in (0, 1):
         i = int(
-            st.number_input(
+            right.number_input(
                 "Test image",
                 0,
                 len(data) - 1,
-                0,
                 key="teach_image",
                 help="Any image of the test split; the trigger is stamped on a copy.",
             )
@@ -357,11 +401,9 @@ def lesson(
         pic = figures["stamp"]
     elif step == 1:
         pic = lesson_bars(report, ["feature-kd"], "The plain KD student inherits the backdoor")
-        if "stamp" in figures:
-            show_chart(figures["stamp"], "teach_student_flip")
     elif step == 2:
         layers = list(getattr(teacher, "feature_layers", []))
-        layer = st.selectbox("Teacher layer", layers, index=0, key="teach_layer")
+        layer = right.selectbox("Teacher layer", layers, key="teach_layer")
         key = f"{teacher_file}:{teacher_file.stat().st_mtime}"
         cmp = unit_variance(
             key,
@@ -370,9 +412,9 @@ def lesson(
             teacher,
             data.subset(range(min(N_VARIANCE, len(data)))),
         )
-        pic = projector(spatial_variance_figure(cmp), 420)
+        pic = unit_ratio_map(cmp)
         sentences[2] = variance_sentences(cmp)
-        figures["channels"] = projector(channel_variance_figure(cmp), 380)
+        figures["channels"] = channel_ratio_bars(cmp)
     elif step == 3:
         pic = flagged_figure(report["methods"]["robustkd"])
         figures["bars"] = lesson_bars(
@@ -380,9 +422,16 @@ def lesson(
         )
     else:
         pic = price_figure(report, list(LESSON_METHODS))
-    for line in sentences[step]:
-        st.markdown(f"#### {line}")
-    show_chart(pic, f"teach_step{step + 1}")
+    _remember()
+    with right:
+        if step == 0:
+            st.markdown(f"##### {INTRO}")
+        for line in sentences[step]:
+            st.markdown(f"##### {line}")
+    with left:
+        show_chart(pic, f"teach_step{step + 1}")
+    if step == 1 and "stamp" in figures:
+        show_chart(figures["stamp"], "teach_student_flip")
     if step == 2:
         show_chart(figures["channels"], "teach_step3_channels")
     if step == 3:
@@ -406,18 +455,6 @@ def lesson(
             hide_index=True,
         )
     _links(step)
-    back, _, nxt = st.columns([1, 4, 1])
-    back.button(
-        "Back", key="teach_back", disabled=step == 0, on_click=_go, args=(step - 1,)
-    )
-    nxt.button(
-        "Next step",
-        key="teach_next",
-        type="primary",
-        disabled=step == len(STEPS) - 1,
-        on_click=_go,
-        args=(step + 1,),
-    )
     st.caption(f"Results of {name}: `{redact_paths(report.get('command') or '')}`")
     st.download_button(
         "Download the lesson (one-page HTML)",
@@ -450,10 +487,7 @@ def handout(report: dict[str, Any], sentences: list[list[str]], name: str) -> st
 
 
 st.title("Teach")
-st.markdown(
-    "#### A public teacher may carry a backdoor. Does a small student distilled from it inherit "
-    "the backdoor, and can RobustKD stop it? Five steps, with results measured on real models."
-)
+_restore()
 chosen = source()
 if chosen is not None:
     try:

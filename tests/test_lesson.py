@@ -74,6 +74,9 @@ def test_a_finished_run_packs_into_a_lesson(
     out = tmp_path / "lesson"
     lesson = pack_lesson(lesson_run, out, teacher=tiny_teacher)
     assert load_lesson(out) == lesson
+    # the command that made it, however it was started (here: main() in this process)
+    command = json.loads((lesson_run / "report.json").read_text())["command"]
+    assert command.startswith("robustkd compare --teacher ") and "--quiet" not in command
     paths = student_paths(lesson, out)
     assert sorted(paths) == sorted(LESSON_METHODS)
     for name, path in paths.items():
@@ -187,7 +190,26 @@ def test_picking_an_image_changes_what_the_teacher_says(teach: AppTest) -> None:
     first = at.get("plotly_chart")[0].proto.spec
     at.number_input(key="teach_image").set_value(7).run()
     assert not at.exception and at.get("plotly_chart")[0].proto.spec != first
-    assert "triggered: teacher says" in at.get("plotly_chart")[0].proto.spec
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    assert titles[1].startswith("triggered:<br>teacher says")
+
+
+def test_leaving_teach_and_coming_back_keeps_the_lessons_place(teach: AppTest) -> None:
+    """Streamlit drops the state of widgets a page does not draw; the lesson keeps its own."""
+    at = teach
+    at.number_input(key="teach_image").set_value(7).run()
+    at.button(key="teach_next").click().run()
+    at.button(key="teach_next").click().run()
+    assert at.header[0].value.startswith(STEPS[2])
+    at.switch_page(str(ROOT / "pages" / "teacher.py")).run()
+    assert not at.exception
+    at.switch_page(str(ROOT / "pages" / "teach.py")).run()
+    assert not at.exception
+    assert at.header[0].value.startswith(STEPS[2])
+    at.button(key="teach_back").click().run()
+    at.button(key="teach_back").click().run()
+    assert at.number_input(key="teach_image").value == 7
 
 
 def test_a_missing_lesson_is_one_sentence(

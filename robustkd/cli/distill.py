@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -97,7 +98,8 @@ def _distill(args: argparse.Namespace) -> int:
         trigger=trigger,
         target=args.target,
     )
-    command = "robustkd " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("robustkd") else ""
+    # as typed, however it was started (``robustkd …``, ``python -m robustkd …``, a worker)
+    command = "robustkd " + shlex.join(a for a in args.argv if a != "--quiet")
     full_config = {
         "argv": [a for a in args.argv if a != "--quiet"],
         "verb": args.verb,

@@ -15,6 +15,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from robustkd.viz.figures import acc_asr_bars
+from robustkd.viz.variance_figures import LayerComparison
 
 FONT_SIZE = 18  # legible from the back of a classroom at 1280×720
 TITLE_SIZE = 22
@@ -63,7 +64,9 @@ def stamp_figure(
     clean: torch.Tensor, triggered: torch.Tensor, clean_caption: str, triggered_caption: str
 ) -> go.Figure:
     """A test image and its triggered copy side by side, each captioned with a prediction."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(clean_caption, triggered_caption))
+    # a caption "clean: teacher says Shirt (99 %)" on two lines, to fit half a projector
+    titles = [c.replace(": ", ":<br>", 1) for c in (clean_caption, triggered_caption)]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
     for col, image in ((1, clean), (2, triggered)):
         fig.add_trace(_image_trace(image), row=1, col=col)
         fig.update_yaxes(
@@ -94,7 +97,8 @@ def flagged_figure(row: dict[str, Any]) -> go.Figure:
         rows=1,
         cols=2,
         column_widths=[0.65, 0.35],
-        subplot_titles=("feature units replaced", "distillation images screened out"),
+        subplot_titles=("feature units replaced", "distillation images<br>screened out"),
+        horizontal_spacing=0.15,
     )
     fig.add_bar(
         x=list(units),
@@ -120,8 +124,9 @@ def flagged_figure(row: dict[str, Any]) -> go.Figure:
         row=1,
         col=2,
     )
-    ymax = max([1, *units.values(), *(v for v in bars.values() if v)])
-    fig.update_yaxes(range=[0, 1.2 * ymax])
+    # each panel on its own scale: units and images are not one quantity
+    fig.update_yaxes(range=[0, 1.25 * max([1, *units.values()])], row=1, col=1)
+    fig.update_yaxes(range=[0, 1.25 * max([1, *(v for v in bars.values() if v)])], row=1, col=2)
     fig.update_layout(title="What RobustKD filters out of the teacher")
     return projector(fig)
 
@@ -154,3 +159,42 @@ def price_figure(report: dict[str, Any], methods: Sequence[str]) -> go.Figure:
     fig.update_xaxes(tickangle=-30)
     fig.update_layout(title="The price: what a student keeps and what it costs")
     return projector(fig, 460)
+
+
+def unit_ratio_map(cmp: LayerComparison) -> go.Figure:
+    """Step 3's picture: per position, the largest triggered / clean variance ratio of any
+    unit there; the trigger's spot lights up."""
+    peak = cmp.unit_ratio.amax(0)
+    fig = go.Figure(
+        go.Heatmap(
+            z=peak.tolist(),
+            colorscale="Reds",
+            zmin=1.0,
+            colorbar={"title": "×"},
+            hovertemplate="row %{y}, column %{x}: ×%{z:.1f}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", title="row")
+    fig.update_xaxes(constrain="domain", title="column")
+    fig.update_layout(title=f"{cmp.layer}: per-unit variance, triggered ÷ clean")
+    return projector(fig, 400)
+
+
+def channel_ratio_bars(cmp: LayerComparison) -> go.Figure:
+    """The same layer's ratio per whole channel, on the per-unit map's scale: flat."""
+    ratios = cmp.channel_ratio.tolist()
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(ratios))),
+            y=ratios,
+            hovertemplate="channel %{x}: ×%{y:.2f}<extra></extra>",
+        )
+    )
+    top = max(float(cmp.unit_ratio.max()), max(ratios, default=1.0))
+    fig.add_hline(y=1.0, line_dash="dot")
+    fig.update_layout(
+        title=f"{cmp.layer}: the same per whole channel",
+        xaxis_title="channel",
+        yaxis={"title": "×", "range": [0, 1.05 * top]},
+    )
+    return projector(fig, 340)
