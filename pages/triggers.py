@@ -131,6 +131,21 @@ def build_trigger(
         for note in notes:
             st.info(note)
         return CustomTrigger.from_arrays(pixels, mask_pixels)
+    if name == "optimized-blend":
+        if stored.get("name") != "optimized-blend":
+            st.info(
+                "An optimised blend trigger is learned while a teacher is trained "
+                "(robustkd train-teacher --recipe optimized-blend); load such a teacher to see it."
+            )
+            return None
+        learned = trigger_from_dict(stored)
+        mask = learned.mask(height, width)  # type: ignore[attr-defined]
+        st.caption(
+            f"The teacher's learned pattern, blended through a mask of at most "
+            f"{stored['max_mask']:g} (here {float(mask.max()):.3f} at most, "
+            f"{float(mask.mean()):.3f} on average)."
+        )
+        return learned
     # a trigger registered elsewhere: its defaults, or the teacher's stored parameters
     return trigger_from_dict(stored) if stored.get("name") == name else create_trigger(name)
 

@@ -18,6 +18,7 @@ from robustkd.attacks import (
     BadNetsTrigger,
     BlendTrigger,
     CustomTrigger,
+    OptimizedBlendTrigger,
     SIGTrigger,
     Trigger,
     WaNetTrigger,
@@ -28,7 +29,7 @@ from robustkd.attacks import (
 from robustkd.errors import ConfigError, DataError, UnknownNameError
 
 SHAPES = [(4, 1, 28, 28), (4, 3, 32, 32)]
-NAMES = ["badnets", "badnets-checkerboard", "blend", "sig", "wanet", "custom"]
+NAMES = ["badnets", "badnets-checkerboard", "blend", "sig", "wanet", "custom", "optimized-blend"]
 
 
 def _images(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -55,6 +56,11 @@ def _make(name: str, pattern: Path) -> Trigger:
         return create_trigger("badnets", size=4, pattern="checkerboard", position="top-left")
     if name == "custom":
         return create_trigger("custom", pattern_path=str(pattern))
+    if name == "optimized-blend":  # learned, so built from pixels (a seeded stand-in here)
+        g = torch.Generator().manual_seed(0)
+        return OptimizedBlendTrigger.from_tensors(
+            torch.rand(3, 16, 16, generator=g), 0.05 + 0.15 * torch.rand(16, 16, generator=g)
+        )
     return create_trigger(name)
 
 
@@ -62,7 +68,7 @@ def _make(name: str, pattern: Path) -> Trigger:
 
 
 def test_registry_lists_all_triggers() -> None:
-    assert set(trigger_names()) == {"badnets", "blend", "sig", "wanet", "custom"}
+    assert set(trigger_names()) == {"badnets", "blend", "sig", "wanet", "custom", "optimized-blend"}
     for name in trigger_names():
         assert TRIGGERS.get(name).name == name
 

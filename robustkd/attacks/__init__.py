@@ -1,8 +1,9 @@
 """Attacks: backdoor triggers, one per module, registered by name in ``TRIGGERS``, and poisoning.
 
 ``base`` holds the ``Trigger`` base class, the registry and the helpers the triggers share;
-``badnets``, ``blend``, ``sig``, ``wanet`` and ``custom`` hold one trigger each, and ``poison``
-plants any registered trigger in a dataset. Importing this package registers every trigger.
+``badnets``, ``blend``, ``sig``, ``wanet``, ``custom`` and ``optimized_blend`` hold one
+trigger each, and ``poison`` plants any registered trigger in a dataset. Importing this package
+registers every trigger.
 Adding an attack: one new module here with a ``Trigger`` subclass decorated with
 ``@TRIGGERS.register("name")``, imported below, and its tests; ``create_trigger``, the CLI, the
 app and poisoning pick it up by name.
@@ -20,6 +21,7 @@ from robustkd.attacks.base import (
 )
 from robustkd.attacks.blend import BlendTrigger
 from robustkd.attacks.custom import CustomTrigger
+from robustkd.attacks.optimized_blend import OptimizedBlendTrigger
 from robustkd.attacks.sig import SIGTrigger
 from robustkd.attacks.wanet import WaNetTrigger
 
@@ -30,6 +32,7 @@ __all__ = [
     "BadNetsTrigger",
     "BlendTrigger",
     "CustomTrigger",
+    "OptimizedBlendTrigger",
     "SIGTrigger",
     "Trigger",
     "WaNetTrigger",

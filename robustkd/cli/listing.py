@@ -1,5 +1,5 @@
 """The ``list`` verb: the names the registries know (models, triggers, data sets, presets,
-methods, checkpoint layouts)."""
+methods, teacher recipes, checkpoint layouts)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def _list(args: argparse.Namespace) -> int:
     from robustkd.data.datasets import dataset_names
     from robustkd.defenses import METHODS, method_names
     from robustkd.experiments.presets import preset_names
+    from robustkd.experiments.survive import RECIPES, recipe_names
     from robustkd.models import model_names
     from robustkd.models.interop import LAYOUTS
 
@@ -21,6 +22,7 @@ def _list(args: argparse.Namespace) -> int:
         "datasets": dataset_names,
         "presets": preset_names,
         "methods": lambda: [f"{m:<16} {METHODS.get(m).description}" for m in method_names()],
+        "recipes": lambda: [f"{r:<16} {RECIPES.get(r).description}" for r in recipe_names()],
         "layouts": lambda: list(LAYOUTS),
     }[args.what]()
     print("\n".join(names))

@@ -160,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder holding the data (overrides the default place)")
     p.add_argument("--arch", help="teacher architecture (default small-cnn)")
     _trigger_options(p, "'none' for a clean model")
+    p.add_argument(
+        "--recipe",
+        help="how the teacher is made beyond plain poisoning (see 'robustkd list recipes'): "
+        "optimized-blend, adba or adaptive; 'none' for plain poisoning",
+    )
+    p.add_argument(
+        "--recipe-param",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe option, repeatable (e.g. warmup_epochs=2, max_mask=0.2, k=2, "
+        "variant=spread)",
+    )
     p.add_argument("--rate", type=float, help="fraction of training images poisoned (0–1)")
     p.add_argument("--target", type=int, help="target class of the backdoor")
     p.add_argument("--mode", choices=["all-to-one", "all-to-all"], help="attack mode")
@@ -266,10 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "list",
         help="list the names the registries know",
-        description="List registered models, triggers, datasets, presets or methods.",
+        description="List registered models, triggers, datasets, presets, methods, teacher "
+        "recipes or checkpoint layouts.",
     )
     p.add_argument(
-        "what", choices=["models", "triggers", "datasets", "presets", "methods", "layouts"]
+        "what",
+        choices=["models", "triggers", "datasets", "presets", "methods", "recipes", "layouts"],
     )
     return parser
 

@@ -38,9 +38,13 @@ def _train_teacher(args: argparse.Namespace) -> int:
     for key in ("epochs", "batch_size", "lr", "seed", "device", "compile"):
         if getattr(args, key) is not None:
             train[key] = getattr(args, key)
-    trig = _trigger_dict(args)
+    _recipe_into(args, values)
+    learned = args.trigger == "optimized-blend" and not args.trigger_param
+    trig = {"name": "optimized-blend"} if learned else _trigger_dict(args)
     if trig is not None:
         values["trigger"] = trig or None
+    elif _learns_trigger(values.get("recipe")) and args.preset is None:
+        values["trigger"] = {"name": "optimized-blend"}  # the trigger this recipe learns
     rate = values.get("rate", 0.1)
     if not 0 <= rate <= 1:
         raise ConfigError(f"The poisoning rate must lie between 0 and 1; got {rate}.")
@@ -59,6 +63,29 @@ def _train_teacher(args: argparse.Namespace) -> int:
         print()
     print(f"trained in {meta['train_seconds']:.0f} s")
     return 0
+
+
+def _recipe_into(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    """``--recipe`` / ``--recipe-param`` into the teacher's values (over a preset's recipe)."""
+    if args.recipe is None:
+        if args.recipe_param:
+            if not values.get("recipe"):
+                raise ConfigError("--recipe-param needs --recipe NAME to say which recipe.")
+            values["recipe"] = {**values["recipe"], **dict(args.recipe_param)}
+        return
+    if args.recipe.lower() == "none":
+        if args.recipe_param:
+            raise ConfigError("--recipe-param has no meaning with --recipe none; drop it.")
+        values["recipe"] = None
+        return
+    values["recipe"] = {**dict(args.recipe_param), "name": args.recipe}
+
+
+def _learns_trigger(recipe: dict[str, Any] | None) -> bool:
+    from robustkd.experiments.survive import RECIPES
+
+    name = recipe.get("name") if isinstance(recipe, dict) else None
+    return name in RECIPES and RECIPES.get(name).learns_trigger
 
 
 def _load_model(args: argparse.Namespace, data: Any | None = None) -> tuple[Any, dict[str, Any]]:

@@ -1,4 +1,8 @@
-"""Training a (backdoored) teacher: data, trigger, poisoning, training, evaluation, checkpoint."""
+"""Training a (backdoored) teacher: data, trigger, poisoning, training, evaluation, checkpoint.
+
+A ``recipe`` (``robustkd.experiments.survive``) changes how the teacher is made: a learned
+trigger, a shadow student, or a penalty against the variance defence.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,13 @@ from robustkd.attacks import trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
 from robustkd.data.datasets import load_dataset
 from robustkd.errors import ConfigError
+from robustkd.experiments.survive import recipe_from_dict
 from robustkd.models import create_model
 from robustkd.models.checkpoints import save_checkpoint
 from robustkd.models.complexity import count_flops, count_parameters
 from robustkd.training import distributed
 from robustkd.training.config import ProgressFn, TrainConfig, check_options, seed_everything
+from robustkd.training.device import resolve_device
 from robustkd.training.engine import train_model
 
 
@@ -40,6 +46,8 @@ class TeacherConfig:
     eval_size: int | None = None  # None = the whole test split
     student_architecture: str = "small-cnn-student"
     data_root: str | None = None
+    # None = plain poisoning; else {"name": recipe, **options} (see experiments.survive)
+    recipe: dict[str, Any] | None = None
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,7 +78,25 @@ def train_teacher(
     if out.suffix != ".safetensors":
         raise ConfigError(f"The output file must end in .safetensors; got {out.name}.")
     config.train.validate()
-    trigger = trigger_from_dict(config.trigger) if config.trigger else None
+    recipe = recipe_from_dict(config.recipe)
+    if recipe is not None and recipe.learns_trigger:
+        given = config.trigger or {}
+        if given.get("name") != "optimized-blend":
+            raise ConfigError(
+                f"The {recipe.name} recipe learns an optimized-blend trigger; set the trigger to "
+                "optimized-blend (--trigger optimized-blend), not "
+                f"{given.get('name') or 'none'}."
+            )
+        # the bare name means "learn it"; a full description (a learned one) is used as given
+        trigger = trigger_from_dict(given) if set(given) != {"name"} else None
+    else:
+        trigger = trigger_from_dict(config.trigger) if config.trigger else None
+        if recipe is not None and trigger is None:
+            raise ConfigError(f"The {recipe.name} recipe needs a trigger to plant; give one.")
+    if recipe is not None and config.rate <= 0:
+        raise ConfigError(
+            f"The {recipe.name} recipe needs a poisoning rate above 0; got {config.rate}."
+        )
     train_set = load_dataset(config.dataset, "train", config.data_root)
     if not 0 <= config.target < train_set.num_classes:
         raise ConfigError(
@@ -92,7 +118,20 @@ def train_teacher(
     if config.eval_size is not None:
         test_set = test_set.subset(range(min(config.eval_size, len(test_set))))
 
+    seed_everything(config.train.seed)
+    model = create_model(
+        config.architecture,
+        num_classes=train_set.num_classes,
+        in_channels=train_set.in_channels,
+        image_size=train_set.image_size,
+    )
+    if recipe is not None:
+        # on a resume the warm-up and the trigger are recomputed (seeded), then the state loads
+        model.to(resolve_device(config.train.device))
+        trigger = recipe.prepare(model, train_set, trigger, config.train, progress)
+
     attack: dict[str, Any] | None = None
+    poisoned = torch.zeros(len(train_set), dtype=torch.bool)
     if trigger is not None and config.rate > 0:
         poisoning = poison_dataset(
             train_set,
@@ -105,24 +144,29 @@ def train_teacher(
         )
         train_set = poisoning.dataset
         attack = poisoning.config
-
-    seed_everything(config.train.seed)
-    model = create_model(
-        config.architecture,
-        num_classes=train_set.num_classes,
-        in_channels=train_set.in_channels,
-        image_size=train_set.image_size,
-    )
+        poisoned = poisoning.poisoned_mask
+    loss_fn = None
+    if recipe is not None:
+        recipe.student_architecture = config.student_architecture
+        model.to(resolve_device(config.train.device))
+        loss_fn = recipe.loss_fn(model, poisoned, train_set, config.train)
+        learned = recipe.trigger_history
+        if learned and attack is not None:
+            attack["trigger_objective"] = [learned[0], learned[-1]]
 
     def on_epoch(m: nn.Module) -> dict[str, Any]:
         ev = evaluate(m, val_set, trigger, config.target if trigger else None, config.mode)
-        return {"val_acc": ev.acc, "val_asr": ev.asr}
+        record: dict[str, Any] = {"val_acc": ev.acc, "val_asr": ev.asr}
+        if recipe is not None:
+            record.update(recipe.epoch_terms())
+        return record
 
     started = time.perf_counter()
     result = train_model(
         model,
         train_set,
         config.train,
+        loss_fn=loss_fn,
         evaluate=on_epoch,
         progress=progress,
         state_path=out.with_suffix(".state.pt"),
@@ -146,6 +190,7 @@ def train_teacher(
         "target": config.target if trigger else None,
         "attack_mode": config.mode if trigger else None,
         "attack": attack,
+        "recipe": recipe.to_dict() if recipe is not None else None,
         "student_architecture": config.student_architecture,
         "params": count_parameters(model),
         "flops": count_flops(model, train_set.input_shape),

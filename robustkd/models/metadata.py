@@ -127,6 +127,13 @@ def validate_metadata(meta: Mapping[str, Any], name: str = "the checkpoint") -> 
         ok = isinstance(trigger, Mapping) and _is_name(trigger.get("name"))
         ok = ok and all(isinstance(k, str) for k in trigger)
         check.field("trigger", trigger, ok, "an object with a trigger 'name' or null")
+    recipe = meta.get("recipe")
+    if recipe is not None:
+        ok = isinstance(recipe, Mapping) and _is_name(recipe.get("name"))
+        ok = ok and all(isinstance(k, str) and _is_recipe_value(v) for k, v in recipe.items())
+        check.field(
+            "recipe", recipe, ok, "an object with a recipe 'name' and number or text options"
+        )
     metrics = meta.get("metrics")
     if metrics is not None:
         check.field("metrics", metrics, isinstance(metrics, Mapping), "an object or null")
@@ -209,6 +216,10 @@ def _is_number(value: Any) -> bool:
 
 def _is_name(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 200
+
+
+def _is_recipe_value(value: Any) -> bool:
+    return _is_scalar(value) or _is_str_list(value)
 
 
 def _is_scalar(value: Any) -> bool:

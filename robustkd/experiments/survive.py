@@ -1,0 +1,488 @@
+"""Teacher recipes: attacks built to survive distillation, and attacks that know the defence.
+
+A *recipe* changes how a backdoored teacher is made (``TeacherConfig.recipe``); without one a
+teacher is plain data poisoning. Each recipe is a class in the registry ``RECIPES`` with its
+options validated up front:
+
+- ``optimized-blend``: train the teacher clean for ``warmup_epochs``, pick the ``top_k`` units
+  (channel × position) of ``layer`` with the highest mean activation on clean images, learn a
+  pattern and a soft mask (``max_mask · sigmoid``, so always in [0, max_mask]) that maximise
+  those units' activation on triggered images, then keep training the teacher on data poisoned
+  with that learned trigger (the optimised blended trigger of the RobustKD authors' code).
+- ``adba``: the same learned trigger, then teacher training with a shadow student of the
+  teacher's student architecture (an ADBA-style anti-distillation backdoor, ACM MM 2021). At
+  every step the shadow is distilled from the teacher on the batch's clean images
+  (``shadow_steps`` real SGD steps on the detached teacher logits); then one differentiable
+  look-ahead KD step of the shadow is taken with the teacher's logits attached, and the
+  look-ahead shadow's cross-entropy on the batch's poisoned images toward their backdoor labels,
+  plus its cross-entropy on the clean images toward their true labels (so the backdoor is
+  conditional on the trigger, not a lean of every soft label toward the target class), is added
+  to the teacher's loss (weight ``weight``). Its gradient reaches the teacher through
+  the soft labels of *clean* images, so the teacher learns soft labels on clean data that teach a
+  student the backdoor. Our simplification of ADBA: the trigger is learned once before (against
+  the warmed-up teacher), not updated jointly with the shadow.
+- ``adaptive``: poisoning with the configured trigger, plus a penalty that knows the variance
+  defence. Running (exponential) per-unit mean and standard deviation of the batch's clean
+  images are kept at every stage output ``robustkd`` scores (``layers``, default all); the
+  poisoned images' per-unit z-score ``|a − μ| / σ`` is penalised. ``variant="excess"`` adds the
+  mean squared excess of ``z`` over ``k`` (each unit kept inside the clean range);
+  ``variant="spread"`` adds, per poisoned image, the hinge excess of the mean of its largest
+  ``z`` (the top ``top_share`` of units) over the same measure on clean images (running): the
+  largest deviations are pushed down to a clean image's, so the trigger spreads over many
+  units, each below the threshold (``k`` is unused). The hinge is much stronger than the
+  excess term: weight 0.1 is what the ``fashion-adaptive-spread`` preset uses (at 1 the tiny
+  teachers we tried lost most of their accuracy).
+
+Each recipe's per-epoch means of its loss terms join the teacher's training history, and the
+recipe's name and options are recorded in the checkpoint metadata (``recipe``).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from robustkd.analysis.features import capture, resolve_layers
+from robustkd.attacks import OptimizedBlendTrigger, Trigger
+from robustkd.data.datasets import ImageDataset, normalize, to_float
+from robustkd.errors import ConfigError
+from robustkd.models import create_model
+from robustkd.registry import Registry
+from robustkd.training.config import LossFn, ProgressFn, TrainConfig
+from robustkd.training.device import resolve_device
+from robustkd.training.engine import train_model
+from robustkd.training.losses import logit_kd_loss
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One recipe option: its default, a test of a value, and what the test wants (in words)."""
+
+    default: Any
+    test: Callable[[Any], bool]
+    expected: str
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False) -> Callable[[Any], bool]:
+    def test(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return (v > low if low_open else v >= low) and v <= high
+
+    return test
+
+
+def _whole(low: int, high: int = 10**9) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _layer_list(v: Any) -> bool:
+    return isinstance(v, str) or (
+        isinstance(v, list) and bool(v) and all(isinstance(s, str) and s for s in v)
+    )
+
+
+_TRIGGER_OPTIONS: dict[str, Option] = {
+    "warmup_epochs": Option(2, _whole(0, 1000), "a whole number of epochs from 0 to 1000"),
+    "layer": Option("", lambda v: isinstance(v, str), "a layer name ('' = the last stage)"),
+    "top_k": Option(20, _whole(1), "a whole number of at least 1"),
+    "max_mask": Option(0.2, _number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+    "steps": Option(300, _whole(1, 100_000), "a whole number of steps from 1 to 100000"),
+    "trigger_lr": Option(0.1, _number(0.0, 10.0, low_open=True), "a number in (0, 10]"),
+    "images": Option(2000, _whole(1), "a whole number of images of at least 1"),
+}
+
+
+# --------------------------------------------------------------------------- the recipe contract
+
+
+class TeacherRecipe(abc.ABC):
+    """How a teacher is made beyond plain poisoning: an optional learned trigger and an extra
+    training loss. Subclasses set ``name``, ``description``, ``options`` and ``learns_trigger``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+    learns_trigger: ClassVar[bool] = False
+    #: the teacher's student architecture (train_teacher sets the config's)
+    student_architecture: str = "small-cnn-student"
+
+    def __init__(self, **values: Any) -> None:
+        unknown = sorted(set(values) - set(self.options))
+        if unknown:
+            raise ConfigError(
+                f"The {self.name} recipe has no option {', '.join(map(repr, unknown))}; valid "
+                f"ones are: {', '.join(self.options)}."
+            )
+        self.values: dict[str, Any] = {}
+        for key, opt in self.options.items():
+            value = values.get(key, opt.default)
+            if not opt.test(value):
+                raise ConfigError(
+                    f"The {self.name} recipe's {key} must be {opt.expected}; got {value!r}."
+                )
+            self.values[key] = value
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        #: the learned trigger's objective at every step (empty when none was learned)
+        self.trigger_history: list[float] = []
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **options}`` with every option, defaults included."""
+        return {"name": self.name, **self.values}
+
+    def prepare(
+        self,
+        model: nn.Module,
+        clean: ImageDataset,
+        trigger: Trigger | None,
+        train: TrainConfig,
+        progress: ProgressFn | None = None,
+    ) -> Trigger | None:
+        """Run before poisoning (may train ``model`` and learn a trigger); the trigger to plant."""
+        return trigger
+
+    @abc.abstractmethod
+    def loss_fn(
+        self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
+    ) -> LossFn:
+        """The teacher's training loss; ``poisoned[i]`` says whether image ``i`` of ``data``
+        carries the trigger."""
+
+    # per-epoch means of the loss terms, drained into the training history; summed on the
+    # device so that a CUDA step never waits to read them (as the engine's own loss)
+    def _log(self, **terms: torch.Tensor) -> None:
+        for key, value in terms.items():
+            value = value.detach().float()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def epoch_terms(self) -> dict[str, float]:
+        """The mean of each loss term since the last call (then reset)."""
+        out = {f"recipe_{k}": float(self._sums[k]) / self._counts[k] for k in self._sums}
+        self._sums, self._counts = {}, {}
+        return out
+
+
+RECIPES: Registry[type[TeacherRecipe]] = Registry("teacher recipe")
+
+
+def recipe_names() -> list[str]:
+    return RECIPES.names()
+
+
+def recipe_from_dict(d: Mapping[str, Any] | None) -> TeacherRecipe | None:
+    """The recipe described by ``{"name": ..., **options}`` (None for plain poisoning)."""
+    if d is None:
+        return None
+    if not isinstance(d, Mapping) or not isinstance(d.get("name"), str):
+        raise ConfigError(
+            "A teacher recipe must be a mapping with a 'name' string and its options, e.g. "
+            f"{{'name': 'adaptive', 'k': 3}}; got {d!r}."
+        )
+    values = dict(d)
+    return RECIPES.get(values.pop("name"))(**values)
+
+
+# --------------------------------------------------------------------------- the learned trigger
+
+
+def _top_units(
+    model: nn.Module, layer: str, images: torch.Tensor, data: ImageDataset, top_k: int
+) -> torch.Tensor:
+    """Flat indices of the ``top_k`` units of ``layer`` most active on average on ``images``."""
+    total: torch.Tensor | None = None
+    with torch.no_grad(), capture(model, [layer]) as out:
+        for start in range(0, len(images), 256):
+            model(normalize(images[start : start + 256], data.mean, data.std))
+            s = out[layer].float().flatten(1).sum(0)
+            total = s if total is None else total + s
+    assert total is not None
+    if top_k > total.numel():
+        raise ConfigError(
+            f"top_k must be at most the {total.numel()} units of layer {layer!r}; got {top_k}."
+        )
+    return total.topk(top_k).indices
+
+
+def learn_blend_trigger(
+    model: nn.Module,
+    data: ImageDataset,
+    layer: str | None = None,
+    top_k: int = 20,
+    max_mask: float = 0.2,
+    steps: int = 300,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> tuple[OptimizedBlendTrigger, list[float]]:
+    """Learn a blend pattern and a mask in [0, max_mask] that drive the ``top_k`` most active
+    units of ``layer`` (default: the last stage output) of ``model`` on ``data``.
+
+    Returns the trigger and the objective (minus the units' mean activation) at every step.
+    The model's weights are not changed; it is left in eval mode.
+    """
+    if data.in_channels not in (1, 3):
+        raise ConfigError(
+            "The optimized-blend trigger is learned for grey or RGB images; this data set has "
+            f"{data.in_channels} channels."
+        )
+    stages = list(getattr(model, "feature_layers", []))
+    (name,) = resolve_layers(model, [layer] if layer else stages[-1:] or None)
+    device = next(model.parameters()).device
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    images = to_float(data.images).to(device)
+    units = _top_units(model, name, images, data, top_k)
+    c, h, w = data.input_shape
+    pattern_logit = (torch.randn((c, h, w), generator=g) * 0.5).to(device).requires_grad_()
+    # start at a quarter of the bound everywhere: room to grow where it pays, to shrink elsewhere
+    mask_logit = torch.full((1, h, w), -1.1, device=device).requires_grad_()
+    opt = torch.optim.Adam([pattern_logit, mask_logit], lr=lr)
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    history: list[float] = []
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with capture(model, [name]) as out:
+            for _ in range(steps):
+                pick = torch.randint(len(images), (min(batch_size, len(images)),), generator=g)
+                x = images[pick.to(device)]
+                m = max_mask * torch.sigmoid(mask_logit)
+                xt = (1 - m) * x + m * torch.sigmoid(pattern_logit)
+                model((xt - mean) / std)
+                objective = -out[name].float().flatten(1)[:, units].mean()
+                opt.zero_grad(set_to_none=True)
+                objective.backward()
+                opt.step()
+                history.append(float(objective.detach()))
+    finally:
+        for p, flag in zip(model.parameters(), frozen, strict=True):
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        pattern = torch.sigmoid(pattern_logit).cpu()
+        mask = (max_mask * torch.sigmoid(mask_logit)).clamp(0.0, max_mask).cpu()
+    return OptimizedBlendTrigger.from_tensors(pattern, mask, max_mask), history
+
+
+class _LearnsTrigger(TeacherRecipe):
+    """Warm-up clean training, then the optimised blend trigger learned against the model."""
+
+    learns_trigger = True
+
+    def prepare(
+        self,
+        model: nn.Module,
+        clean: ImageDataset,
+        trigger: Trigger | None,
+        train: TrainConfig,
+        progress: ProgressFn | None = None,
+    ) -> Trigger | None:
+        if trigger is not None:  # a learned trigger given back (e.g. from a checkpoint)
+            return trigger
+        v = self.values
+        if v["warmup_epochs"] > 0:
+            warm = dataclasses.replace(train, epochs=v["warmup_epochs"])
+            train_model(model, clean, warm, progress=progress)
+        model.to(resolve_device(train.device))
+        g = torch.Generator().manual_seed(train.seed)
+        pick = torch.randperm(len(clean), generator=g)[: v["images"]]
+        learned, self.trigger_history = learn_blend_trigger(
+            model,
+            clean.subset(pick),
+            v["layer"] or None,
+            v["top_k"],
+            v["max_mask"],
+            v["steps"],
+            v["trigger_lr"],
+            seed=train.seed,
+        )
+        model.train()
+        return learned
+
+
+# --------------------------------------------------------------------------- the recipes
+
+
+@RECIPES.register("optimized-blend")
+class OptimizedBlendRecipe(_LearnsTrigger):
+    """Learned blend trigger driving the most active units, then plain poisoning with it."""
+
+    name = "optimized-blend"
+    description = "learned blend trigger (mask ≤ max_mask) driving the teacher's most active units"
+    options: ClassVar[dict[str, Option]] = dict(_TRIGGER_OPTIONS)
+
+    def loss_fn(
+        self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
+    ) -> LossFn:
+        smoothing = train.label_smoothing
+
+        def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            ce = F.cross_entropy(m(x), y, label_smoothing=smoothing)
+            self._log(ce=ce.detach())
+            return ce
+
+        return loss
+
+
+@RECIPES.register("adba")
+class ADBARecipe(_LearnsTrigger):
+    """Learned trigger, then teacher steps that teach a shadow student the backdoor through
+    its soft labels on clean images (ADBA-style)."""
+
+    name = "adba"
+    description = "anti-distillation backdoor: a shadow student distilled on clean images flips"
+    options: ClassVar[dict[str, Option]] = {
+        **_TRIGGER_OPTIONS,
+        "weight": Option(1.0, _number(0.0), "a number of at least 0"),
+        "temperature": Option(4.0, _number(0.0, 100.0, low_open=True), "a number in (0, 100]"),
+        "shadow_lr": Option(0.05, _number(0.0, 10.0, low_open=True), "a number in (0, 10]"),
+        "shadow_steps": Option(1, _whole(1, 100), "a whole number from 1 to 100"),
+        "lookahead_lr": Option(0.5, _number(0.0, 100.0, low_open=True), "a number in (0, 100]"),
+        "student_architecture": Option(
+            "", lambda v: isinstance(v, str), "an architecture name ('' = the teacher's student)"
+        ),
+    }
+
+    def loss_fn(
+        self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
+    ) -> LossFn:
+        v = self.values
+        device = next(model.parameters()).device
+        torch.manual_seed(train.seed + 1)  # the shadow's initialisation, reproducible
+        shadow = create_model(
+            v["student_architecture"] or self.student_architecture,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+        ).to(device)
+        shadow.train()
+        shadow_opt = torch.optim.SGD(shadow.parameters(), lr=v["shadow_lr"], momentum=0.9)
+        marks = poisoned.to(device)
+        temp, weight, inner_lr = v["temperature"], v["weight"], v["lookahead_lr"]
+        smoothing = train.label_smoothing
+        self.shadow = shadow
+
+        def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+            # logit_kd_loss detaches the teacher; the look-ahead needs its gradient
+            log_s = F.log_softmax(student_logits / temp, dim=1)
+            log_t = F.log_softmax(teacher_logits / temp, dim=1)
+            return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temp**2
+
+        def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            logits = m(x)
+            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            bad = marks[idx.to(device)]
+            if not bool(bad.any()) or bool(bad.all()):
+                self._log(ce=ce.detach())
+                return ce
+            xc, tc = x[~bad], logits[~bad]
+            for _ in range(v["shadow_steps"]):  # the shadow student's own distillation
+                shadow_opt.zero_grad(set_to_none=True)
+                logit_kd_loss(shadow(xc), tc, temp).backward()
+                shadow_opt.step()
+            shadow_opt.zero_grad(set_to_none=True)
+            params = dict(shadow.named_parameters())
+            buffers = dict(shadow.named_buffers())
+            inner = kd(functional_call(shadow, (params, buffers), (xc,)), tc)
+            grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+            ahead = {k: p - inner_lr * g for (k, p), g in zip(params.items(), grads, strict=True)}
+            # the look-ahead shadow must flip triggered images *and* stay right on clean ones:
+            # without the clean term the cheapest teacher is one whose clean soft labels lean to
+            # the target class (a class bias, not a trigger-conditional backdoor)
+            nb = int(bad.sum())
+            out = functional_call(shadow, (ahead, buffers), (torch.cat([x[bad], xc]),))
+            flipped = F.cross_entropy(out[:nb], y[bad])
+            kept = F.cross_entropy(out[nb:], y[~bad])
+            self._log(
+                ce=ce.detach(),
+                shadow_kd=inner.detach(),
+                shadow_backdoor=flipped.detach(),
+                shadow_clean=kept.detach(),
+            )
+            return ce + weight * (flipped + kept)
+
+        return loss
+
+
+@RECIPES.register("adaptive")
+class AdaptiveRecipe(TeacherRecipe):
+    """Poisoning plus a penalty keeping triggered images' per-unit deviation inside the clean
+    range at the stages the variance defence scores."""
+
+    name = "adaptive"
+    description = "adaptive attack: triggered features kept inside the clean per-unit range"
+    options: ClassVar[dict[str, Option]] = {
+        "variant": Option("excess", lambda v: v in ("excess", "spread"), "'excess' or 'spread'"),
+        "k": Option(2.0, _number(0.0, 100.0, low_open=True), "a number in (0, 100]"),  # excess
+        "weight": Option(1.0, _number(0.0), "a number of at least 0"),
+        "momentum": Option(0.9, _number(0.0, 1.0), "a number in [0, 1]"),
+        "top_share": Option(0.01, _number(0.0, 1.0, low_open=True), "a fraction in (0, 1]"),
+        "layers": Option("all", _layer_list, "'all' or a list of layer names"),
+    }
+
+    def loss_fn(
+        self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
+    ) -> LossFn:
+        v = self.values
+        names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
+        device = next(model.parameters()).device
+        marks = poisoned.to(device)
+        means: dict[str, torch.Tensor] = {}
+        variances: dict[str, torch.Tensor] = {}
+        tops: dict[str, torch.Tensor] = {}  # clean images' mean largest z (spread)
+        k, weight, momentum, top_share = v["k"], v["weight"], v["momentum"], v["top_share"]
+        smoothing = train.label_smoothing
+
+        def penalty(n: str, a: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+            a = a.float().flatten(1)
+            clean = a[~bad].detach()
+            if len(clean) > 1:  # running clean statistics, never through the gradient
+                mu, var = clean.mean(0), clean.var(0)
+                if n in means:
+                    means[n] = momentum * means[n] + (1 - momentum) * mu
+                    variances[n] = momentum * variances[n] + (1 - momentum) * var
+                else:
+                    means[n], variances[n] = mu, var
+            if n not in means or not bool(bad.any()):
+                return a.new_zeros(())
+            # the same floor as variance_score keeps silent units from exploding the z-scores
+            std = (variances[n] + 0.1 * variances[n].mean()).sqrt() + 1e-6
+            z = (a[bad] - means[n]).abs() / std
+            if v["variant"] == "excess":
+                return F.relu(z - k).pow(2).mean()
+            # the mean of each image's largest deviations, pushed down to what a clean image
+            # shows (running, like the statistics) with a bounded (hinge) gradient, so the
+            # push moves on to the next units instead of exploding
+            share = max(1, round(top_share * z.shape[1]))
+            with torch.no_grad():
+                zc = (clean - means[n]).abs() / std
+                ref = zc.topk(share, dim=1).values.mean() if len(clean) else None
+            if ref is not None:
+                tops[n] = ref if n not in tops else momentum * tops[n] + (1 - momentum) * ref
+            top = z.topk(share, dim=1).values.mean(1)
+            return F.relu(top - tops[n]).mean() if n in tops else a.new_zeros(())
+
+        def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            bad = marks[idx.to(device)]
+            with capture(model, names) as out:  # hooks on the model itself, under DDP too
+                logits = m(x)
+            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            pen = sum((penalty(n, out[n], bad) for n in names), logits.new_zeros(()))
+            self._log(ce=ce.detach(), penalty=pen.detach())
+            return ce + weight * pen
+
+        return loss

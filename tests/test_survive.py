@@ -1,0 +1,347 @@
+"""Teacher recipes (experiments.survive): the learned optimised blend trigger, the ADBA-style
+shadow-student backdoor and the adaptive attack against the variance defence — objectives,
+bounds, the variance score they leave, checkpoint round trips, bad options, CLI and the
+Triggers page. Tiny real data on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+
+from robustkd.attacks import OptimizedBlendTrigger, trigger_from_dict
+from robustkd.attacks.poison import poison_dataset
+from robustkd.data.datasets import ImageDataset, normalize, to_float
+from robustkd.defenses.detox import fit_threshold
+from robustkd.errors import CheckpointError, ConfigError, RobustKDError
+from robustkd.experiments.presets import preset, preset_names
+from robustkd.experiments.survive import (
+    RECIPES,
+    learn_blend_trigger,
+    recipe_from_dict,
+    recipe_names,
+)
+from robustkd.experiments.teacher import TeacherConfig, train_teacher
+from robustkd.models import create_model
+from robustkd.models.checkpoints import load_checkpoint, read_metadata
+from robustkd.models.metadata import validate_metadata
+from robustkd.training.config import TrainConfig, seed_everything
+from robustkd.training.engine import train_model
+from tests.conftest import ROOT
+from tests.helpers import run_cli
+
+BADNETS = {"name": "badnets", "size": 3}
+LEARN = {"warmup_epochs": 1, "steps": 15, "images": 200, "top_k": 10}
+
+
+def _config(
+    trigger: dict[str, Any] | None, recipe: dict[str, Any] | None, **kw: Any
+) -> TeacherConfig:
+    train = {"epochs": 2, "batch_size": 64, "lr": 0.1, "seed": 0, "device": "cpu", **kw}
+    size = train.pop("train_size", 600)
+    return TeacherConfig(
+        architecture="small-cnn-student",
+        trigger=trigger,
+        recipe=recipe,
+        rate=0.1,
+        target=0,
+        train_size=size,
+        eval_size=300,
+        train=TrainConfig(**train),
+    )
+
+
+def _one_sentence(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.endswith(".") and "Traceback" not in msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def optimized_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("survive") / "optimized.safetensors"
+    recipe = {"name": "optimized-blend", **LEARN, "max_mask": 0.15}
+    train_teacher(_config({"name": "optimized-blend"}, recipe), out)
+    return out
+
+
+# --------------------------------------------------------------------------- the learned trigger
+
+
+def test_learned_trigger_objective_decreases_and_mask_stays_bounded(
+    small_train: ImageDataset,
+) -> None:
+    seed_everything(0)
+    model = create_model("small-cnn-student", num_classes=10, in_channels=1, image_size=28)
+    train_model(model, small_train, TrainConfig(epochs=1, batch_size=64, lr=0.1, device="cpu"))
+    trigger, history = learn_blend_trigger(
+        model, small_train.subset(range(200)), top_k=10, max_mask=0.1, steps=40, lr=0.3
+    )
+    assert len(history) == 40
+    assert sum(history[-5:]) / 5 < sum(history[:5]) / 5  # the units are driven harder
+    mask = trigger.mask(28, 28)
+    assert float(mask.min()) >= 0 and float(mask.max()) <= 0.1 + 1e-12
+    assert float(mask.max()) > 0.02  # learned, not left at its start
+    # a larger image gets the resized mask, still inside the bound
+    assert float(trigger.mask(64, 64).max()) <= 0.1 + 1e-12
+    again = trigger_from_dict(trigger.to_dict())
+    images = to_float(small_train.images[:4])
+    assert torch.equal(again.apply(images), trigger.apply(images))
+
+
+def test_optimized_blend_trigger_refuses_bad_pixels() -> None:
+    with pytest.raises(ConfigError, match="learned, not typed") as info:
+        trigger_from_dict({"name": "optimized-blend"})
+    _one_sentence(info)
+    with pytest.raises(RobustKDError):
+        OptimizedBlendTrigger.from_tensors(torch.rand(1, 8, 8), torch.full((8, 8), 0.5), 0.2)
+    with pytest.raises(RobustKDError):
+        OptimizedBlendTrigger.from_tensors(torch.rand(2, 8, 8), torch.zeros(8, 8))
+    with pytest.raises(ConfigError):
+        OptimizedBlendTrigger.from_tensors(torch.rand(1, 8, 8), torch.zeros(8, 8), max_mask=0)
+
+
+def test_optimized_teacher_round_trips_through_its_checkpoint(optimized_teacher: Path) -> None:
+    model, meta = load_checkpoint(optimized_teacher)
+    assert sum(p.numel() for p in model.parameters()) == meta["params"]
+    assert meta["recipe"]["name"] == "optimized-blend" and meta["recipe"]["max_mask"] == 0.15
+    assert meta["recipe"]["steps"] == 15 and meta["recipe"]["layer"] == ""  # defaults recorded
+    assert meta["config"]["recipe"]["name"] == "optimized-blend"
+    trigger = trigger_from_dict(meta["trigger"])
+    assert isinstance(trigger, OptimizedBlendTrigger)
+    assert trigger.to_dict() == meta["trigger"]
+    assert float(trigger.mask(28, 28).max()) <= 0.15 + 1e-12
+    start, end = meta["attack"]["trigger_objective"]
+    assert end < start
+    assert validate_metadata(read_metadata(optimized_teacher))["recipe"] == meta["recipe"]
+    # the recorded recipe rebuilds the same recipe
+    assert recipe_from_dict(meta["recipe"]).to_dict() == meta["recipe"]  # type: ignore[union-attr]
+    assert any("recipe_ce" in h for h in meta["history"])
+
+
+# --------------------------------------------------------------------------- ADBA
+
+
+def test_adba_step_lowers_its_objective(small_train: ImageDataset) -> None:
+    """Teacher steps with the look-ahead shadow term lower the teacher's total objective."""
+    seed_everything(0)
+    data = small_train.subset(range(128))
+    trig = OptimizedBlendTrigger.from_tensors(
+        torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(0)),
+        torch.full((28, 28), 0.2),
+    )
+    poisoning = poison_dataset(data, trig, 0.25, 0, seed=0)
+    teacher = create_model("small-cnn-student", num_classes=10, in_channels=1, image_size=28)
+    recipe = RECIPES.get("adba")(weight=1.0, shadow_steps=1)
+    train = TrainConfig(epochs=1, batch_size=64, lr=0.05, device="cpu")
+    loss_fn = recipe.loss_fn(teacher, poisoning.poisoned_mask, poisoning.dataset, train)
+    x = normalize(to_float(poisoning.dataset.images[:64]), data.mean, data.std)
+    y = poisoning.dataset.labels[:64]
+    idx = torch.arange(64)
+    opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
+    teacher.train()
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = loss_fn(teacher, x, y, idx)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    terms = recipe.epoch_terms()
+    assert {"recipe_ce", "recipe_shadow_kd", "recipe_shadow_backdoor"} <= set(terms)
+    # the backdoor term reaches the teacher only through its clean soft labels: a teacher
+    # gradient exists even when the poisoned images' own CE is left out
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.parameters())
+    assert recipe.epoch_terms() == {}  # drained
+
+
+def test_adba_teacher_records_its_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "adba.safetensors"
+    recipe = {"name": "adba", "warmup_epochs": 0, "steps": 5, "images": 100, "top_k": 5}
+    _, meta = train_teacher(
+        _config({"name": "optimized-blend"}, recipe, epochs=1, train_size=300), out
+    )
+    saved = read_metadata(out)
+    assert saved["recipe"]["name"] == "adba" and saved["recipe"]["weight"] == 1.0
+    assert isinstance(trigger_from_dict(saved["trigger"]), OptimizedBlendTrigger)
+    assert "recipe_shadow_backdoor" in saved["history"][0]
+    assert meta["recipe"] == saved["recipe"]
+
+
+# --------------------------------------------------------------------------- adaptive attack
+
+
+def _variance_evidence(path: Path, trusted: ImageDataset, suspect: ImageDataset) -> float:
+    """Sum over the stages of the mean of the top 1 % per-unit variance scores."""
+    model, meta = load_checkpoint(path)
+    mixed = poison_dataset(suspect, trigger_from_dict(meta["trigger"]), 0.2, 0, keep_labels=True)
+    fit = fit_threshold(model, trusted, mixed.dataset)
+    total = 0.0
+    for f in fit.layers.values():
+        s = f.scores.flatten()
+        total += float(s.topk(max(1, len(s) // 100)).values.mean())
+    return total
+
+
+def test_adaptive_penalty_lowers_the_variance_score(
+    tmp_path: Path, small_test: ImageDataset
+) -> None:
+    plain, adaptive = tmp_path / "plain.safetensors", tmp_path / "adaptive.safetensors"
+    train_teacher(_config(BADNETS, None, train_size=1000), plain)
+    _, meta = train_teacher(
+        _config(BADNETS, {"name": "adaptive", "k": 2.0}, train_size=1000), adaptive
+    )
+    trusted, suspect = small_test.subset(range(150)), small_test.subset(range(150, 300))
+    assert _variance_evidence(adaptive, trusted, suspect) < 0.9 * _variance_evidence(
+        plain, trusted, suspect
+    )
+    assert meta["recipe"]["variant"] == "excess"
+    assert all("recipe_penalty" in h for h in meta["history"])
+
+
+def test_spread_penalty_is_finite_and_recorded(tmp_path: Path) -> None:
+    out = tmp_path / "spread.safetensors"
+    recipe = {"name": "adaptive", "variant": "spread", "weight": 0.1}
+    _, meta = train_teacher(_config(BADNETS, recipe, epochs=1, train_size=300), out)
+    assert read_metadata(out)["recipe"]["variant"] == "spread"
+    assert all(torch.isfinite(torch.tensor(h["recipe_penalty"])) for h in meta["history"])
+
+
+# --------------------------------------------------------------------------- options and errors
+
+
+@pytest.mark.parametrize(
+    ("trigger", "recipe", "words"),
+    [
+        (BADNETS, {"name": "adaptive", "k": -1}, "k must be"),
+        (BADNETS, {"name": "adaptive", "variant": "wide"}, "variant must be"),
+        (BADNETS, {"name": "adaptive", "weight": True}, "weight must be"),
+        (BADNETS, {"name": "adaptive", "colour": 1}, "has no option"),
+        ({"name": "optimized-blend"}, {"name": "optimized-blend", "max_mask": 1.5}, "max_mask"),
+        ({"name": "optimized-blend"}, {"name": "adba", "steps": 0}, "steps must be"),
+        (BADNETS, {"name": "optimized-blend"}, "learns an optimized-blend trigger"),
+        (None, {"name": "adaptive"}, "needs a trigger"),
+        (BADNETS, {"k": 2}, "'name' string"),
+        (BADNETS, "adaptive", "'name' string"),
+    ],
+)
+def test_bad_recipe_options_say_one_sentence(
+    tmp_path: Path, trigger: dict[str, Any] | None, recipe: Any, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        train_teacher(_config(trigger, recipe), tmp_path / "x.safetensors")
+    assert words in _one_sentence(info)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_unknown_recipe_lists_the_known_ones() -> None:
+    with pytest.raises(RobustKDError) as info:
+        recipe_from_dict({"name": "trojan"})
+    for name in recipe_names():
+        assert name in str(info.value)
+    assert set(recipe_names()) == {"optimized-blend", "adba", "adaptive"}
+
+
+def test_metadata_refuses_a_malformed_recipe() -> None:
+    meta = {"architecture": "small-cnn", "recipe": {"name": "adaptive", "k": {"x": 1}}}
+    with pytest.raises(CheckpointError, match="'recipe'"):
+        validate_metadata(meta)
+    with pytest.raises(CheckpointError, match="'recipe'"):
+        validate_metadata({"architecture": "small-cnn", "recipe": "adaptive"})
+    ok = {"architecture": "small-cnn", "recipe": {"name": "adaptive", "layers": ["block1"]}}
+    assert validate_metadata(ok)["recipe"]["layers"] == ["block1"]
+
+
+def test_presets_name_the_recipes() -> None:
+    assert preset("fashion-optimized")["recipe"]["name"] == "optimized-blend"
+    assert preset("fashion-optimized")["trigger"] == {"name": "optimized-blend"}
+    assert preset("fashion-adba")["recipe"]["name"] == "adba"
+    assert preset("fashion-adaptive")["recipe"]["variant"] == "excess"
+    assert preset("fashion-adaptive-spread")["recipe"]["variant"] == "spread"
+    for name in (
+        "fashion-optimized",
+        "fashion-adba",
+        "fashion-adaptive",
+        "fashion-adaptive-spread",
+    ):
+        values = preset(name)
+        values.pop("distill")
+        config = TeacherConfig.from_dict(values)
+        recipe_from_dict(config.recipe)  # valid options
+
+
+# --------------------------------------------------------------------------- CLI and app
+
+
+def test_cli_trains_a_recipe_teacher_and_refuses_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(["list", "recipes"], capsys)
+    assert code == 0 and "adba" in out and "adaptive" in out
+    bad = ["train-teacher", "--recipe", "adaptive", "--recipe-param", "k=-2"]
+    code, _, err = run_cli([*bad, "--out", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 2 and "k must be" in err and "Traceback" not in err
+    code, _, err = run_cli(
+        ["train-teacher", "--recipe-param", "k=2", "--out", str(tmp_path / "x.safetensors")],
+        capsys,
+    )
+    assert code == 2 and "--recipe" in err
+    out_path = tmp_path / "cli.safetensors"
+    args = [
+        "train-teacher", "--arch", "small-cnn-student", "--recipe", "optimized-blend",
+        "--recipe-param", "warmup_epochs=0", "--recipe-param", "steps=3",
+        "--recipe-param", "images=64", "--train-size", "200", "--eval-size", "100",
+        "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out_path),
+    ]  # fmt: skip
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    meta = read_metadata(out_path)
+    assert meta["trigger"]["name"] == "optimized-blend" and meta["recipe"]["steps"] == 3
+
+
+def test_triggers_page_shows_the_learned_trigger(
+    optimized_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROBUSTKD_TEACHER", str(optimized_teacher))
+    at = AppTest.from_file(str(ROOT / "pages" / "triggers.py"), default_timeout=120).run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="trig_name").value == "optimized-blend"
+    assert any("learned pattern" in c.value for c in at.caption)
+    assert any("flipped to class" in m.value for m in at.markdown)
+    assert at.session_state["current_trigger"]["name"] == "optimized-blend"
+
+
+def test_triggers_page_explains_a_learned_trigger_it_does_not_have(
+    tiny_teacher: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROBUSTKD_TEACHER", str(tiny_teacher))  # a BadNets teacher
+    at = AppTest.from_file(str(ROOT / "pages" / "triggers.py"), default_timeout=120).run()
+    at.selectbox(key="trig_name").set_value("optimized-blend").run()
+    assert not at.exception and not at.error
+    assert any("learned while a teacher is trained" in i.value for i in at.info)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def _report(acc: float, asr: float) -> dict[str, Any]:
+    methods = {"scratch": {"acc": acc, "asr": 0.02}, "robustkd": {"acc": acc, "asr": asr}}
+    return {"teacher": {"acc": 0.9, "asr": 0.97}, "methods": methods}
+
+
+def test_survive_benchmark_table_and_arguments(tmp_path: Path) -> None:
+    from bench.survive import ATTACKS, main, table
+
+    assert {p for p, _ in ATTACKS.values()} <= set(preset_names())
+    text = table({("adba", "untrusted"): [_report(0.85, 0.4)]}, quick=True)
+    assert "not the real table" in text
+    assert "| ADBA-style shadow-student backdoor | untrusted | 90.0 / 97.0 | 85.0 / 2.0 |" in text
+    assert "| 85.0 / 40.0 | – | – |" in text  # robustkd, then methods the report lacks
+    two = table({("adaptive", "clean"): [_report(0.84, 0.4), _report(0.86, 0.4)]}, quick=False)
+    assert "mean ± std over 2 seeds" in two and "85.0 ± 1.4 / 2.0 ± 0.0" in two
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--only", "trojan"])
