@@ -12,35 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from bench.classroom_load import CHROMIUM, CHROMIUM_ARGS, PAGES, _port, _wait_healthy
+
 ROOT = Path(__file__).resolve().parent.parent
-# every page, in the sidebar's order (each page's title is its h1)
-PAGES = (
-    "Teacher",
-    "Triggers",
-    "Feature variance",
-    "Attributions",
-    "Detox & distil",
-    "Compare",
-    "Teach",
-)
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 # the page's script has finished: the app says it is not running, no status widget, and
 # nothing left over from the page before (stale elements)
 DONE = """() => {
@@ -48,24 +29,6 @@ DONE = """() => {
   if (!app || app.dataset.testScriptState !== 'notRunning') return false;
   return !document.querySelector('[data-testid="stStatusWidget"], [data-stale="true"]');
 }"""
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(url: str, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("the server did not become healthy")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[tuple[str, float, str]] = []
     try:
-        _wait_healthy(url)
+        _wait_healthy(url, server)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(120_000)
             t = time.perf_counter()

@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robustkd.experiments.lesson import STEP_TITLES
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -63,13 +65,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 VIEWPORT = {"width": 1280, "height": 720}  # a projector
-STEPS = [
-    "1 · The teacher and its trigger",
-    "2 · Plain distillation",
-    "3 · Where it hides",
-    "4 · RobustKD",
-    "5 · The price",
-]
+STEPS = list(STEP_TITLES)
 STEP_CHARTS = [1, 2, 2, 2, 1]  # Plotly charts each step draws at least
 PAGES = [
     "Teacher",

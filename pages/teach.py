@@ -37,6 +37,7 @@ from robustkd.experiments.compare import launch_compare
 from robustkd.experiments.lesson import (
     LESSON_DIR,
     LESSON_METHODS,
+    STEP_TITLES,
     lesson_html,
     lesson_sentences,
     load_lesson,
@@ -188,13 +189,7 @@ def panel(run_id: str, was_active: bool) -> None:
         st.info("The run finished without a complete report; run the demo again.")
 
 
-STEPS = [
-    "1 · The teacher and its trigger",
-    "2 · Plain distillation",
-    "3 · Where it hides",
-    "4 · RobustKD",
-    "5 · The price",
-]
+STEPS = list(STEP_TITLES)
 INTRO = (
     "A public teacher may carry a backdoor. Does a small student distilled from it inherit "
     "the backdoor, and can RobustKD stop it? Five steps, with results measured on real models."

@@ -34,14 +34,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Iterator[str]:
+def serve(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """``streamlit run app/main.py`` as `make run` does, on a free port, with ``env``; yields
+    its address once healthy and stops it afterwards. Its output goes to ``log_path``."""
     port = _free_port()
-    runs = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "ROBUSTKD_TEACHER": str(tiny_teacher), "ROBUSTKD_RUNS": str(runs)}
-    log = open(tmp_path_factory.mktemp("log") / "streamlit.log", "wb")  # noqa: SIM115
+    log = open(log_path, "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app/main.py",  # as `make run` does
+        [sys.executable, "-m", "streamlit", "run", "app/main.py",
          "--server.port", str(port), "--server.address", "127.0.0.1",
          "--server.headless", "true", "--browser.gatherUsageStats", "false"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -57,6 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Iter
             time.sleep(0.5)
     else:
         proc.kill()
+        log.close()
         pytest.fail("streamlit did not become healthy within 90 s")
     yield url
     proc.terminate()
@@ -65,6 +65,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Iter
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> Iterator[str]:
+    runs = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "ROBUSTKD_TEACHER": str(tiny_teacher), "ROBUSTKD_RUNS": str(runs)}
+    yield from serve(env, tmp_path_factory.mktemp("log") / "streamlit.log")
 
 
 @pytest.fixture(scope="module")

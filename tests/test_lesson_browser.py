@@ -9,32 +9,21 @@ from __future__ import annotations
 
 import html
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from robustkd.experiments.lesson import LESSON_DIR, lesson_sentences, load_lesson
+from robustkd.experiments.lesson import LESSON_DIR, STEP_TITLES, lesson_sentences, load_lesson
 from robustkd.models.checkpoints import DEFAULT_TEACHER, read_metadata
-from tests.conftest import ROOT
-from tests.test_e2e_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, _check, _free_port
+from tests.test_e2e_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, _check, serve
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make browser)"),
 ]
-STEPS = [
-    "1 · The teacher and its trigger",
-    "2 · Plain distillation",
-    "3 · Where it hides",
-    "4 · RobustKD",
-    "5 · The price",
-]
+STEPS = list(STEP_TITLES)
 CHARTS = [1, 2, 2, 2, 1]  # Plotly charts each step draws
 # The script has finished: not running, nothing stale left, the step's header and its charts.
 STEP_DONE = """([header, charts]) => {
@@ -50,36 +39,10 @@ STEP_DONE = """([header, charts]) => {
 @pytest.fixture(scope="module")
 def lesson_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The app on the shipped teacher and lesson; runs go to a temporary folder."""
-    port = _free_port()
     env = {**os.environ, "ROBUSTKD_RUNS": str(tmp_path_factory.mktemp("runs"))}
     env.pop("ROBUSTKD_TEACHER", None)
     log_path = tmp_path_factory.mktemp("log") / "streamlit.log"
-    log = open(log_path, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app/main.py",
-         "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not become healthy within 90 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    yield from serve(env, log_path)
     assert "Traceback" not in log_path.read_text(errors="replace"), "the server logged a traceback"
 
 

@@ -34,6 +34,14 @@ from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint, save_c
 from robustkd.models.modelcard import attack_mode_of
 
 LESSON_METHODS = ("scratch", "feature-kd", "robustkd")
+# the lesson's steps, as the Teach page titles them (the browser test and benchmark find them)
+STEP_TITLES = (
+    "1 · The teacher and its trigger",
+    "2 · Plain distillation",
+    "3 · Where it hides",
+    "4 · RobustKD",
+    "5 · The price",
+)
 LESSON_PRESET = "fashion-badnets-lesson"
 LESSON_DIR = DEFAULT_TEACHER.parent / "lesson"
 REPORT_NAME = "lesson.json"
