@@ -327,8 +327,19 @@ def test_variance_figures(comparison) -> None:
     assert list(fig.data[0].y) == sorted(fig.data[0].y, reverse=True)
 
     acts = torch.rand(4, 5, 6)
+    acts[3, 2, 4] = 9.0
     fig = activation_maps_figure(acts, acts * 2, [1, 3], "block2")
-    assert len(fig.data) == 4 and "block2" in fig.layout.title.text
+    assert len(fig.data) == 1 and "block2" in fig.layout.title.text
+    assert list(fig.layout.xaxis.ticktext) == ["ch 1", "ch 3"]
+    shade, raw = np.asarray(fig.data[0].z, float), np.asarray(fig.data[0].customdata, float)
+    gap = 1  # between tiles: blank in both rows and columns
+    assert shade.shape == (2 * 5 + gap, 2 * 6 + gap) and np.isnan(shade[5]).all()
+    assert np.isnan(shade[:, 6]).all()
+    # each channel's clean and triggered maps share its range: its peak (triggered) is 1
+    assert shade[5 + gap + 2, 6 + gap + 4] == pytest.approx(1.0)
+    assert raw[5 + gap + 2, 6 + gap + 4] == pytest.approx(18.0)
+    assert np.nanmax(shade[:5, :6]) <= 0.5 + 1e-6  # channel 1 clean: half its triggered peak
+    assert fig.data[0].text[2][6 + gap + 4] == "ch 3 clean, row 2, col 4"
     with pytest.raises(ConfigError):
         activation_maps_figure(acts, acts, [7])
 
