@@ -219,6 +219,20 @@ def data_key() -> dict[str, str | None]:
     return dict(user_data())
 
 
+def keep_widget_values(keys: tuple[str, ...]) -> None:
+    """Keep what the user chose in widgets a run may not draw (another page or tab open).
+
+    Streamlit forgets a widget's value once a run does not draw it, so at the start of every
+    run each key's value is copied aside (``_<key>``) while it exists and given back when it
+    was forgotten. Call it at the top of a page, before its widgets.
+    """
+    for key in keys:
+        if key in st.session_state:
+            st.session_state[f"_{key}"] = st.session_state[key]
+        elif st.session_state.get(f"_{key}") is not None:
+            st.session_state[key] = st.session_state[f"_{key}"]
+
+
 def show_error(exc: BaseException) -> None:
     """One clear sentence for a user's mistake (never a traceback, nor a server's folders)."""
     message = str(exc) if isinstance(exc, RobustKDError) else f"Unexpected error: {exc}"

@@ -11,8 +11,8 @@ still trains while the students work; the lecturer's page stays open, polling it
 ``--sessions`` browser contexts (one per student, started ``--stagger`` seconds apart, driven
 concurrently) each open the Teach page, pick their own test image, walk the five steps with
 "Next step", then open Teacher, Triggers, Feature variance, Attributions, Detox & distil,
-Compare and Teach from the sidebar; on Feature variance every other student moves the threshold
-slider to its lowest stop.
+Compare and Teach from the sidebar; on Feature variance each opens the Threshold tab and every
+other student moves the threshold slider to its lowest stop.
 
 The server runs with no file watcher, from a copy of the working tree (``--snapshot tree``;
 ``head``: the last commit; ``none``: in place), so that edits during a long run cannot reach
@@ -76,7 +76,7 @@ PAGES = [
     "Compare",
     "Teach",
 ]
-PAGE_TEXT = {"Teacher": "Measured now", "Feature variance": "Flagged at threshold"}
+PAGE_TEXT = {"Teacher": "Measured now", "Feature variance": "Per channel, and per position"}
 RUN_OPTIONS = {"distill_size": 2000, "epochs": 2}
 QUICK_RUN_OPTIONS = {"distill_size": 300, "trusted_size": 100, "test_size": 200, "epochs": 1}
 ACTIVE = ("queued", "running")
@@ -623,7 +623,14 @@ async def _caption(s: Session) -> str:
 
 
 async def _threshold(s: Session, i: int) -> None:
-    """Every other student moves the threshold to its lowest stop; each checks its own."""
+    """Every student opens the Threshold tab; every other one moves the threshold to its
+    lowest stop; each checks its own."""
+    await s.act(
+        "Feature variance: Threshold tab",
+        lambda: s.page.get_by_role("tab", name="Threshold").click(),
+        h1="Feature variance",
+        text="Flagged at threshold",
+    )
     arrived = await _caption(s)
     s.room.load_captions[i] = arrived
     if i % 2 == 0:
@@ -869,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         if loaded:  # of which the browser loading the page, before the script's first run
             row.update(loaded_p50_s=percentile(loaded, 50), loaded_max_s=max(loaded))
     students = [a for a in room.actions if a["session"] != "lecturer"]
-    expected = args.sessions * (2 + (len(STEPS) - 1) + len(PAGES)) + args.sessions // 2
+    expected = args.sessions * (3 + (len(STEPS) - 1) + len(PAGES)) + args.sessions // 2
     kinds: dict[str, int] = {}
     for e in room.errors:
         kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1

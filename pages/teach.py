@@ -27,7 +27,14 @@ import streamlit as st
 import torch
 
 from app.charts import show_chart
-from app.state import default_teacher_path, load_model, load_split, runs_root, show_error
+from app.state import (
+    default_teacher_path,
+    keep_widget_values,
+    load_model,
+    load_split,
+    runs_root,
+    show_error,
+)
 from robustkd.analysis.features import feature_stats
 from robustkd.analysis.metrics import predict
 from robustkd.attacks import Trigger, trigger_from_dict
@@ -199,7 +206,10 @@ LINKS = [
     [("teacher.py", "Teacher: its card and measurements"), ("triggers.py", "Triggers: build one")],
     [("distill.py", "Detox & distil: train students"), ("compare.py", "Compare: every method")],
     [("variance.py", "Feature variance: every layer"), ("attributions.py", "Attributions")],
-    [("variance.py", "Feature variance: the threshold"), ("distill.py", "Detox & distil")],
+    [
+        ("variance.py?var_tab=Threshold", "Feature variance: the threshold"),
+        ("distill.py", "Detox & distil"),
+    ],
     [("compare.py", "Compare: per-class ACC, curves, report")],
 ]
 SHIPPED, YOURS = "The shipped lesson", "Your run"
@@ -224,8 +234,14 @@ def unit_variance(
 
 def _links(step: int) -> None:
     cols = st.columns(len(LINKS[step]))
-    for col, (file, label) in zip(cols, LINKS[step], strict=True):
-        col.page_link(str(PAGES / file), label=label, icon=":material/arrow_forward:")
+    for col, (target, label) in zip(cols, LINKS[step], strict=True):
+        file, _, tab = target.partition("?var_tab=")  # a link may open one of a page's tabs
+        col.page_link(
+            str(PAGES / file),
+            label=label,
+            icon=":material/arrow_forward:",
+            query_params={"var_tab": tab} if tab else None,
+        )
 
 
 def variance_sentences(cmp: Any) -> list[str]:
@@ -252,25 +268,10 @@ def variance_sentences(cmp: Any) -> list[str]:
 def _go(step: int) -> None:
     """Back / Next: runs before the step selector is drawn again."""
     st.session_state["teach_step"] = STEPS[max(0, min(step, len(STEPS) - 1))]
-    _remember()
 
 
-# Streamlit forgets a widget's value once a run does not draw it (the user opened another
-# page), so the lesson keeps its place under keys of its own and gives it back on return.
+# the lesson's place, kept while the user visits other pages
 KEPT = ("teach_step", "teach_image", "teach_layer", "teach_source")
-
-
-def _restore() -> None:
-    for key in KEPT:
-        kept = st.session_state.get(f"_{key}")
-        if key not in st.session_state and kept is not None:
-            st.session_state[key] = kept
-
-
-def _remember() -> None:
-    for key in KEPT:
-        if key in st.session_state:
-            st.session_state[f"_{key}"] = st.session_state[key]
 
 
 def _prediction(model: torch.nn.Module, image: torch.Tensor, data: ImageDataset) -> str:
@@ -417,7 +418,6 @@ def lesson(
         )
     else:
         pic = price_figure(report, list(LESSON_METHODS))
-    _remember()
     with right:
         if step == 0:
             st.markdown(f"##### {INTRO}")
@@ -482,7 +482,7 @@ def handout(report: dict[str, Any], sentences: list[list[str]], name: str) -> st
 
 
 st.title("Teach")
-_restore()
+keep_widget_values(KEPT)
 chosen = source()
 if chosen is not None:
     try:

@@ -11,7 +11,14 @@ import streamlit as st
 import torch
 
 from app.charts import show_chart
-from app.state import current_teacher, data_key, show_error, teacher_path, test_set_for
+from app.state import (
+    current_teacher,
+    data_key,
+    keep_widget_values,
+    show_error,
+    teacher_path,
+    test_set_for,
+)
 from robustkd.analysis.features import StatsCache, activations
 from robustkd.analysis.metrics import Evaluation, evaluate
 from robustkd.attacks import Trigger, trigger_from_dict
@@ -37,6 +44,12 @@ from robustkd.viz.variance_figures import (
     spatial_variance_figure,
 )
 
+TABS = ("Variance maps", "Top channels", "Threshold")
+# what the user chose, kept while another tab or page is open
+KEPT = (
+    "var_tab", "var_layer", "var_n", "var_image", "var_trusted", "var_percent", "var_gran",
+    "var_threshold",
+)  # fmt: skip
 # log-spaced slider stops from 1 to 50
 THRESHOLDS = sorted({round(float(v), 2) for v in np.geomspace(1.0, 50.0, 41)})
 
@@ -84,6 +97,26 @@ def detox_preview(
         DetoxPreview(_model, _fit, layer, sub, trigger, target, mode=mode),
         evaluate(_model, sub, trigger, target, mode),
     )
+
+
+# Figures are built once per what they show and shared by every session: building a Plotly
+# figure validates every property (tens of ms each), and drawing it only reads it.
+@st.cache_resource(max_entries=16)
+def variance_figures(
+    model_key: str, trigger_json: str, layer: str, n: int, _cmp: Any
+) -> tuple[Any, Any, Any]:
+    """The channel, spatial and ranked-channel figures of one layer's comparison."""
+    return (
+        channel_variance_figure(_cmp),
+        spatial_variance_figure(_cmp),
+        ranked_channels_figure(_cmp, 20),
+    )
+
+
+@st.cache_resource(max_entries=64)
+def flagged_figure(model_key: str, fit_key: tuple, layer: str, threshold: float, _fit: Any) -> Any:
+    """The flagged-units figure of one layer's fit at one threshold."""
+    return flagged_units_figure(_fit, threshold)
 
 
 def pp(change: float) -> str:
@@ -145,147 +178,174 @@ if offer_reset and st.button("Use the teacher's stored trigger", key="var_stored
         st.session_state.pop(k, None)
     st.rerun()
 
+keep_widget_values(KEPT)
 c1, c2 = st.columns(2)
 # a middle stage: early layers see pixels, the last one mostly classes
 layer = c1.selectbox("Layer", layers, index=len(layers) // 2, key="var_layer")
 sizes = sorted({n for n in (100, 200, 500, 1000, 2000) if n <= len(data)} | {min(len(data), 500)})
 n = c2.select_slider("Test images", sizes, value=min(500, len(data)), key="var_n")
 sub = data.subset(range(n))
-try:
-    cache, lock = stats_cache()
-    with lock:
-        clean_stats = cache.get(model, sub, [layer])[layer]
-        trig_stats = cache.get(model, sub, [layer], trigger)[layer]
-    cmp = compare_layer(clean_stats, trig_stats)
-except RobustKDError as exc:
-    show_error(exc)
-    st.stop()
-
-st.subheader("Clean versus triggered variance")
-show_chart(channel_variance_figure(cmp), "var_channels")
-show_chart(spatial_variance_figure(cmp), "var_spatial")
-show_chart(ranked_channels_figure(cmp, 20), "var_ranked")
-top, ratios = cmp.top_channels(4)
-st.caption(
-    "Largest ratios: "
-    + ", ".join(f"channel {c} ×{r:.2f}" for c, r in zip(top, ratios, strict=True))
-)
-
-st.subheader("Activation maps of the top channels")
-i = st.number_input("Test image", 0, n - 1, 0, key="var_image")
-one = data.subset([int(i)])
-clean_act = activations(model, one, layer)[0]
-trig_act = activations(model, one, layer, trigger)[0]
-show_chart(activation_maps_figure(clean_act, trig_act, top, layer), "var_acts")
-
-st.subheader("Variance threshold and detoxified teacher")
-st.caption(
-    "Units whose variance on a distillation-like set (val images, some triggered) exceeds the "
-    "threshold × their variance on a trusted clean val subset are replaced by their clean mean."
-)
-c1, c2, c3 = st.columns(3)
-limit = max(4, len(val) // 3)
-size = int(
-    c1.number_input("Trusted clean images (val)", 4, limit, min(500, limit), key="var_trusted")
-)
-percent = int(c2.slider("Triggered share of the suspect set (%)", 0, 50, 10, key="var_percent"))
-granularity = c3.radio("Flag", ["unit", "channel"], horizontal=True, key="var_gran")
 trigger_json = json.dumps(trigger.to_dict(), sort_keys=True)
-try:
-    fit = threshold_fit(
-        model_key, trigger_json, target, mode, size, percent, granularity, model, val
-    )
-    fit_key = (trigger_json, target, size, percent, granularity, mode)
-    preview, base = detox_preview(model_key, fit_key, layer, n, model, fit, data)
-except RobustKDError as exc:
-    show_error(exc)
-    st.stop()
+# Only the open tab runs and is drawn (a page switch draws two charts, not five); the open tab
+# is in the address, so a link can open the threshold directly (…/variance?tab=Threshold).
+maps_tab, top_tab, threshold_tab = st.tabs(
+    TABS, key="var_tab", on_change="rerun", bind="query-params"
+)
 
-default = round(fit.layers[layer].default_threshold, 2)
-left, right = st.columns([3, 1])
-with right:
-    st.write("")
-    if st.button("Auto threshold (validation data)", key="var_auto_btn"):
-        # judged on this layer alone, as the preview detoxifies this layer alone
-        one_layer = ThresholdFit({layer: fit.layers[layer]}, fit.granularity, fit.calibration)
-        try:
-            validation = probe_scenario(val, size).validation
-            auto = round(auto_threshold(model, one_layer, validation), 3)
-        except RobustKDError as exc:
-            show_error(exc)
-        else:
-            st.session_state["var_auto"] = auto
-            st.session_state["var_threshold"] = auto
-    if "var_auto" in st.session_state:
+
+def comparison() -> Any:
+    """The layer's clean and triggered statistics on the first ``n`` test images, compared."""
+    try:
+        cache, lock = stats_cache()
+        with lock:
+            clean_stats = cache.get(model, sub, [layer])[layer]
+            trig_stats = cache.get(model, sub, [layer], trigger)[layer]
+        return compare_layer(clean_stats, trig_stats)
+    except RobustKDError as exc:
+        show_error(exc)
+        st.stop()
+
+
+if maps_tab.open:
+    with maps_tab:
+        fig_channels, fig_spatial, _ = variance_figures(
+            model_key, trigger_json, layer, n, comparison()
+        )
         st.caption(
-            f"Auto: {st.session_state['var_auto']:g} — the lowest threshold keeping clean "
-            f"ACC within 1 point on {size} validation images."
+            "Per channel, and per position averaged over channels: the variance on clean test "
+            "images, on the same images triggered, and their ratio."
         )
-st.session_state.setdefault("var_threshold", default)
-options = sorted(
-    {*THRESHOLDS, default, st.session_state.get("var_auto", default)}
-    | {st.session_state["var_threshold"]}
-)
-with left:
-    threshold = st.select_slider(
-        "Variance threshold (log scale)",
-        options,
-        format_func=lambda v: f"{v:g}",
-        key="var_threshold",
-        help=f"Clean-halves default at {layer}: {default:g}.",
+        show_chart(fig_channels, "var_channels")
+        show_chart(fig_spatial, "var_spatial")
+
+if top_tab.open:
+    with top_tab:
+        cmp = comparison()
+        show_chart(variance_figures(model_key, trigger_json, layer, n, cmp)[2], "var_ranked")
+        top, ratios = cmp.top_channels(4)
+        st.caption(
+            "Largest ratios: "
+            + ", ".join(f"channel {c} ×{r:.2f}" for c, r in zip(top, ratios, strict=True))
+        )
+        st.subheader("Activation maps of the top channels")
+        i = st.number_input("Test image", 0, n - 1, 0, key="var_image")
+        one = data.subset([int(i)])
+        clean_act = activations(model, one, layer)[0]
+        trig_act = activations(model, one, layer, trigger)[0]
+        show_chart(activation_maps_figure(clean_act, trig_act, top, layer), "var_acts")
+
+if not threshold_tab.open:
+    st.stop()
+with threshold_tab:
+    st.subheader("Variance threshold and detoxified teacher")
+    st.caption(
+        "Units whose variance on a distillation-like set (val images, some triggered) exceeds "
+        "the threshold × their variance on a trusted clean val subset are replaced by their "
+        "clean mean."
     )
-
-m1, m2, m3 = st.columns(3)
-acc_slot, asr_slot = m1.empty(), m2.empty()
-note = st.empty()
-
-
-def show(result: Preview) -> None:
-    """The detoxified teacher's ACC/ASR; a first answer on part of the images says so."""
-
-    def images(used: int, total: int) -> str:
-        if result.complete:
-            return f"{total} test images"
-        return f"{used} of {total} test images (a class-stratified part; all follow)"
-
-    acc_slot.metric(
-        "Detoxified ACC",
-        f"{100 * result.acc:.2f} %",
-        pp(result.acc - base.acc) if result.complete else None,
-        help=f"{images(result.n_clean, preview.n_clean)}; the teacher alone: "
-        f"{100 * base.acc:.2f} % on all {preview.n_clean}.",
+    c1, c2, c3 = st.columns(3)
+    limit = max(4, len(val) // 3)
+    size = int(
+        c1.number_input("Trusted clean images (val)", 4, limit, min(500, limit), key="var_trusted")
     )
-    if result.asr is not None and base.asr is not None:
-        asr_slot.metric(
-            "Detoxified ASR",
-            f"{100 * result.asr:.2f} %",
-            pp(result.asr - base.asr) if result.complete else None,
-            delta_color="inverse",
-            help=f"triggered: {images(result.n_triggered, preview.n_triggered)}; the teacher "
-            f"alone: {100 * base.asr:.2f} % on all {preview.n_triggered}.",
+    percent = int(c2.slider("Triggered share of the suspect set (%)", 0, 50, 10, key="var_percent"))
+    granularity = c3.radio("Flag", ["unit", "channel"], horizontal=True, key="var_gran")
+    try:
+        fit = threshold_fit(
+            model_key, trigger_json, target, mode, size, percent, granularity, model, val
+        )
+        fit_key = (trigger_json, target, size, percent, granularity, mode)
+        preview, base = detox_preview(model_key, fit_key, layer, n, model, fit, data)
+    except RobustKDError as exc:
+        show_error(exc)
+        st.stop()
+
+    default = round(fit.layers[layer].default_threshold, 2)
+    left, right = st.columns([3, 1])
+    with right:
+        st.write("")
+        if st.button("Auto threshold (validation data)", key="var_auto_btn"):
+            # judged on this layer alone, as the preview detoxifies this layer alone
+            one_layer = ThresholdFit({layer: fit.layers[layer]}, fit.granularity, fit.calibration)
+            try:
+                validation = probe_scenario(val, size).validation
+                auto = round(auto_threshold(model, one_layer, validation), 3)
+            except RobustKDError as exc:
+                show_error(exc)
+            else:
+                st.session_state["var_auto"] = auto
+                st.session_state["var_threshold"] = auto
+        if "var_auto" in st.session_state:
+            st.caption(
+                f"Auto: {st.session_state['var_auto']:g} — the lowest threshold keeping clean "
+                f"ACC within 1 point on {size} validation images."
+            )
+    st.session_state.setdefault("var_threshold", default)
+    options = sorted(
+        {*THRESHOLDS, default, st.session_state.get("var_auto", default)}
+        | {st.session_state["var_threshold"]}
+    )
+    with left:
+        threshold = st.select_slider(
+            "Variance threshold (log scale)",
+            options,
+            format_func=lambda v: f"{v:g}",
+            key="var_threshold",
+            help=f"Clean-halves default at {layer}: {default:g}.",
         )
 
+    m1, m2, m3 = st.columns(3)
+    acc_slot, asr_slot = m1.empty(), m2.empty()
+    note = st.empty()
 
-# a first answer within the interactive budget (on part of the images where all of them
-# would take longer), then the answer on all of them
-result = preview(float(threshold), budget_ms=INTERACTIVE_MS)
-show(result)
-m3.metric("Flagged units", f"{result.flagged_units:,}", help=f"at {layer}")
-if not result.complete:
-    note.caption(
-        f"First answer on {result.n_clean:,} of {preview.n_clean:,} clean and "
-        f"{result.n_triggered:,} of {preview.n_triggered:,} triggered test images (a "
-        f"class-stratified part); computing all of them …"
-    )
-    result = preview(float(threshold))
+    def show(result: Preview) -> None:
+        """The detoxified teacher's ACC/ASR; a first answer on part of the images says so."""
+
+        def images(used: int, total: int) -> str:
+            if result.complete:
+                return f"{total} test images"
+            return f"{used} of {total} test images (a class-stratified part; all follow)"
+
+        acc_slot.metric(
+            "Detoxified ACC",
+            f"{100 * result.acc:.2f} %",
+            pp(result.acc - base.acc) if result.complete else None,
+            help=f"{images(result.n_clean, preview.n_clean)}; the teacher alone: "
+            f"{100 * base.acc:.2f} % on all {preview.n_clean}.",
+        )
+        if result.asr is not None and base.asr is not None:
+            asr_slot.metric(
+                "Detoxified ASR",
+                f"{100 * result.asr:.2f} %",
+                pp(result.asr - base.asr) if result.complete else None,
+                delta_color="inverse",
+                help=f"triggered: {images(result.n_triggered, preview.n_triggered)}; the teacher "
+                f"alone: {100 * base.asr:.2f} % on all {preview.n_triggered}.",
+            )
+
+    # a first answer within the interactive budget (on part of the images where all of them
+    # would take longer), then the answer on all of them
+    result = preview(float(threshold), budget_ms=INTERACTIVE_MS)
     show(result)
-    note.empty()
-counts = fit.flagged_units(float(threshold))
-st.caption(
-    f"Flagged at threshold {threshold:g}: "
-    + " · ".join(
-        f"{name} {c:,} of {fit.layers[name].clean_mean.numel():,}" for name, c in counts.items()
+    m3.metric("Flagged units", f"{result.flagged_units:,}", help=f"at {layer}")
+    if not result.complete:
+        note.caption(
+            f"First answer on {result.n_clean:,} of {preview.n_clean:,} clean and "
+            f"{result.n_triggered:,} of {preview.n_triggered:,} triggered test images (a "
+            f"class-stratified part); computing all of them …"
+        )
+        result = preview(float(threshold))
+        show(result)
+        note.empty()
+    counts = fit.flagged_units(float(threshold))
+    st.caption(
+        f"Flagged at threshold {threshold:g}: "
+        + " · ".join(
+            f"{name} {c:,} of {fit.layers[name].clean_mean.numel():,}" for name, c in counts.items()
+        )
+        + f". The preview detoxifies {layer} only, on the first {n} test images."
     )
-    + f". The preview detoxifies {layer} only, on the first {n} test images."
-)
-show_chart(flagged_units_figure(fit.layers[layer], float(threshold)), "var_flagged")
+    show_chart(
+        flagged_figure(model_key, fit_key, layer, float(threshold), fit.layers[layer]),
+        "var_flagged",
+    )

@@ -29,7 +29,7 @@ def test_classroom_load_quick_run_writes_its_table_and_json(
     assert figures["errors"] == 0, figures["error_list"]
     assert code == 0
     assert figures["sessions"] == 2 and figures["quick"] is True
-    assert figures["page_loads"] == figures["page_loads_expected"] == 2 * 13 + 1
+    assert figures["page_loads"] == figures["page_loads_expected"] == 2 * 14 + 1
     assert 0 < figures["p50_s"] <= figures["p95_s"] <= figures["max_s"]
     assert figures["independence_ok"] is True
     assert figures["server_peak_rss_mib"] > 0
@@ -38,9 +38,10 @@ def test_classroom_load_quick_run_writes_its_table_and_json(
     assert run["id"] and run["state_at_students_start"].startswith("running")
     assert run["state_at_end"]
     for name in ["Teach: open", "Teach: test image", *(f"Teach: step {n}" for n in range(2, 6)),
-                 *classroom_load.PAGES, "Feature variance: threshold"]:  # fmt: skip
+                 *classroom_load.PAGES, "Feature variance: Threshold tab",
+                 "Feature variance: threshold"]:  # fmt: skip
         assert figures["per_action"][name]["n"] >= 1, name
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].startswith("| sessions | page loads | p50 | p95 | max | errors |")
-    assert lines[-1].startswith("| 2 | 27 of 27 |")
+    assert lines[-1].startswith("| 2 | 29 of 29 |")
     assert out.with_suffix(".server.log").is_file()

@@ -289,7 +289,7 @@ def test_two_browser_sessions_at_once_see_what_one_sees(server: str) -> None:  #
         one.wait_for_selector('[data-testid="stMetric"]:has-text("ASR")')
         _done(one, fresh=True)
         alone = _metrics(one)
-        two.goto(f"{server}/variance")
+        two.goto(f"{server}/variance?var_tab=Threshold")  # the tab, opened by its address
         two.wait_for_selector("text=Flagged units")
         _done(two, fresh=True)
 
@@ -339,7 +339,7 @@ def _metric(at: Any, label: str) -> Any:
 def test_all_to_all_teacher_is_measured_all_to_all(
     all_to_all_teacher: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_pages_triggers_variance import open_page
+    from tests.test_pages_triggers_variance import open_page, open_tab
 
     monkeypatch.setenv("ROBUSTKD_TEACHER", str(all_to_all_teacher))
     model, meta = load_checkpoint(all_to_all_teacher)
@@ -373,7 +373,7 @@ def test_all_to_all_teacher_is_measured_all_to_all(
     preview = DetoxPreview(model, fit, LAYER, sub, trigger, target, mode="all-to-all")
     untouched = preview(1e5)  # no unit flagged: the teacher itself
     assert untouched.flagged_units == 0 and untouched.asr == asr(sub, "all-to-all")
-    at = open_page("variance.py")
+    at = open_tab(open_page("variance.py"), "Threshold")
     at.select_slider(key="var_n").set_value(100)
     at.number_input(key="var_trusted").set_value(100)
     at.run()

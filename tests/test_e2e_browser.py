@@ -136,6 +136,8 @@ def test_newcomer_journey(server: str, browser_page) -> None:
     _check(page, "2-triggers")
 
     _goto(page, "Feature variance")
+    page.wait_for_selector("text=Per channel, and per position")
+    page.get_by_role("tab", name="Threshold").click()
     page.wait_for_selector("text=Flagged units")
     before = _metric(page, "Flagged units")
     _slider(page, "Variance threshold (log scale)", "Home")  # the lowest threshold

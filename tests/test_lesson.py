@@ -173,6 +173,9 @@ def test_every_lesson_step_shows_its_picture_with_the_shipped_results(teach: App
             assert "row" in text and "column" in text  # where the variance swells
         if i == 3:
             assert f"ASR is {100 * rows['robustkd']['asr']:.1f} %" in text
+            # the link to the threshold opens the Feature variance page on its Threshold tab
+            link = next(p.proto for p in at.get("page_link") if "threshold" in p.proto.label)
+            assert link.page.endswith("variance") and "var_tab=Threshold" in link.query_string
         if i == 4:
             table = at.dataframe[0].value
             assert table["model"].iloc[0] == "teacher" and len(table) == 4

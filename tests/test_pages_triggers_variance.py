@@ -460,6 +460,12 @@ def test_triggers_page_uploads() -> None:
     assert at.selectbox(key="trig_name").value == "custom"
 
 
+def open_tab(at: AppTest, label: str) -> AppTest:
+    """Open one of the Feature variance page's tabs (only the open one runs)."""
+    at.session_state["var_tab"] = label
+    return at.run()
+
+
 def _caption(at: AppTest, start: str) -> str:
     return next(c.value for c in at.caption if c.value.startswith(start))
 
@@ -485,7 +491,7 @@ def test_variance_page_first_answer_then_all_images(monkeypatch: pytest.MonkeyPa
         return result
 
     monkeypatch.setattr(DetoxPreview, "__call__", spy)
-    at = open_page("variance.py")
+    at = open_tab(open_page("variance.py"), "Threshold")
     at.select_slider(key="var_n").set_value(100)
     at.number_input(key="var_trusted").set_value(100)
     at.run()
@@ -504,12 +510,18 @@ def test_variance_page_threshold_and_auto() -> None:
     at = open_page("variance.py")
     assert not at.exception and not at.error
     assert at.selectbox(key="var_layer").options == ["block1", "block2", "block3"]
-    at.select_slider(key="var_n").set_value(100)
+    at.select_slider(key="var_n").set_value(100).run()
+    # only the open tab runs: the variance maps first, without the threshold's work
+    assert at.session_state["var_tab"] == "Variance maps" and not at.metric
+    assert len(at.get("plotly_chart")) == 2  # channel, spatial
+    open_tab(at, "Top channels")
+    assert len(at.get("plotly_chart")) == 2 and not at.exception  # ranked, activations
+    assert _caption(at, "Largest ratios: channel ")
+    open_tab(at, "Threshold")
     at.number_input(key="var_trusted").set_value(100)
     at.run()
     assert not at.exception and not at.error
-    charts = [e for e in at.main if type(e).__name__ == "UnknownElement"]
-    assert len(charts) >= 5  # channel, spatial, ranked, activations, flagged (Plotly)
+    assert len(at.get("plotly_chart")) == 1  # flagged units
     assert "from the teacher's stored trigger" in _caption(at, "Trigger `BadNetsTrigger")
 
     slider = at.select_slider(key="var_threshold")
@@ -534,6 +546,15 @@ def test_variance_page_threshold_and_auto() -> None:
 
     at.selectbox(key="var_layer").set_value("block1").run()
     assert not at.exception and "block1" in _caption(at, "Flagged at threshold")
+
+    # another tab, and back: the threshold and the trusted-set size are where they were
+    chosen = at.select_slider(key="var_threshold").value
+    open_tab(at, "Variance maps")
+    assert not at.exception and not at.metric
+    open_tab(at, "Threshold")
+    assert at.select_slider(key="var_threshold").value == chosen
+    assert at.number_input(key="var_trusted").value == 100
+    assert at.select_slider(key="var_n").value == 100
 
     # the trigger built on the Triggers page is the one analysed, until reset
     at.session_state["current_trigger"] = create_trigger("badnets", size=5).to_dict()
