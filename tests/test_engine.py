@@ -8,7 +8,7 @@ import torch
 
 from robustkd.analysis.metrics import evaluate
 from robustkd.data.datasets import ImageDataset
-from robustkd.errors import ConfigError
+from robustkd.errors import CheckpointError, ConfigError
 from robustkd.models import create_model
 from robustkd.training.augment import augment_batch
 from robustkd.training.config import DivergedError, TrainConfig, lr_factor
@@ -92,6 +92,28 @@ def test_resume_refuses_other_options(small_train: ImageDataset, tmp_path: Path)
             state_path=state,
             resume=True,
         )
+
+
+def test_resume_refuses_another_identity(small_train: ImageDataset, tmp_path: Path) -> None:
+    """What else made the run (a teacher recipe's options) must match too; a state saved
+    without one resumes as before."""
+    state, data = tmp_path / "s.pt", small_train.subset(range(64))
+    made = {"recipe": {"name": "adaptive", "variant": "excess", "k": 2.0}}
+    train_model(_fresh(), data, _config(epochs=1), state_path=state, identity=made)
+    other = {"recipe": {"name": "adaptive", "variant": "excess", "k": 3.0}}
+    with pytest.raises(CheckpointError, match="made with other recipe options") as exc:
+        train_model(_fresh(), data, _config(epochs=2), state_path=state, resume=True,
+                    identity=other)  # fmt: skip
+    assert "\n" not in str(exc.value) and "delete the state file" in str(exc.value)
+    result = train_model(_fresh(), data, _config(epochs=2), state_path=state, resume=True,
+                         identity=made)  # fmt: skip
+    assert result.resumed_from == 1
+    saved = torch.load(state, weights_only=True)
+    del saved["identity"]  # as written before identities were saved
+    torch.save(saved, state)
+    result = train_model(_fresh(), data, _config(epochs=3), state_path=state, resume=True,
+                         identity=other)  # fmt: skip
+    assert result.resumed_from == 2
 
 
 def test_nan_loss_stops_with_a_message(small_train: ImageDataset) -> None:

@@ -171,6 +171,7 @@ def train_teacher(
         progress=progress,
         state_path=out.with_suffix(".state.pt"),
         resume=resume,
+        identity={"recipe": recipe.to_dict() if recipe is not None else None},
     )
     model.cpu().eval()
     final = evaluate(model, test_set, trigger, config.target if trigger else None, config.mode)

@@ -70,12 +70,15 @@ def train_model(
     progress: ProgressFn | None = None,
     state_path: str | Path | None = None,
     resume: bool = False,
+    identity: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_set``.
 
     ``loss_fn(model, inputs, labels, indices)`` defaults to cross-entropy; ``evaluate(model)`` runs
     after each epoch and its dict joins the history; with ``state_path`` the full training
-    state is saved after every epoch and ``resume=True`` continues from it. On CUDA, step
+    state is saved after every epoch and ``resume=True`` continues from it. ``identity`` (plain
+    JSON-like values, e.g. a teacher recipe and its options) is what else makes the run what it
+    is: it is saved with the state, and a resume with a different one is refused. On CUDA, step
     events carry no loss (reading it would make the host wait for the GPU every step).
     """
     config.validate()
@@ -106,7 +109,9 @@ def train_model(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume and state_path is not None and Path(state_path).exists():
-        start_epoch, history = _load_state(Path(state_path), model, optimizer, scheduler, config)
+        start_epoch, history = _load_state(
+            Path(state_path), model, optimizer, scheduler, config, identity or {}
+        )
     net: nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -158,7 +163,16 @@ def train_model(
         record = distributed.broadcast_object(record)  # every rank keeps rank 0's history
         history.append(record)
         if state_path is not None and main:
-            _save_state(Path(state_path), model, optimizer, scheduler, config, epoch + 1, history)
+            _save_state(
+                Path(state_path),
+                model,
+                optimizer,
+                scheduler,
+                config,
+                epoch + 1,
+                history,
+                identity or {},
+            )
         if progress is not None and main:
             progress(
                 TrainEvent(
@@ -247,8 +261,10 @@ def _save_state(
     config: TrainConfig,
     epoch: int,
     history: list[dict[str, Any]],
+    identity: dict[str, Any],
 ) -> None:
     state = {
+        "identity": identity,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -266,6 +282,7 @@ def _load_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     config: TrainConfig,
+    identity: dict[str, Any],
 ) -> tuple[int, list[dict[str, Any]]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -281,6 +298,15 @@ def _load_state(
         raise CheckpointError(
             f"Cannot resume from {path}: its training options differ ({', '.join(diff)}); "
             "use the same options or delete the state file to start afresh."
+        )
+    saved_identity = state.get("identity", identity)  # a state saved before identities: as now
+    if saved_identity != identity:
+        keys = sorted(k for k in {*saved_identity, *identity}
+                      if saved_identity.get(k) != identity.get(k))  # fmt: skip
+        raise CheckpointError(
+            f"Cannot resume from {path}: it was made with other {', '.join(keys)} options "
+            f"({saved_identity.get(keys[0])!r} there, {identity.get(keys[0])!r} now); use the "
+            "same ones or delete the state file to start afresh."
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
