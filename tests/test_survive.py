@@ -5,6 +5,7 @@ Triggers page. Tiny real data on the CPU."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from robustkd.attacks import OptimizedBlendTrigger, trigger_from_dict
+from robustkd.attacks import OptimizedBlendTrigger, create_trigger, trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
 from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.defenses.detox import fit_threshold
@@ -203,12 +204,45 @@ def test_adaptive_penalty_lowers_the_variance_score(
     assert all("recipe_penalty" in h for h in meta["history"])
 
 
-def test_spread_penalty_is_finite_and_recorded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("features", ["train", "eval"])
+def test_spread_penalty_is_finite_and_recorded(tmp_path: Path, features: str) -> None:
     out = tmp_path / "spread.safetensors"
-    recipe = {"name": "adaptive", "variant": "spread", "weight": 0.1}
+    recipe = {"name": "adaptive", "variant": "spread", "weight": 0.1, "features": features}
     _, meta = train_teacher(_config(BADNETS, recipe, epochs=1, train_size=300), out)
     assert read_metadata(out)["recipe"]["variant"] == "spread"
+    assert read_metadata(out)["recipe"]["features"] == features
     assert all(torch.isfinite(torch.tensor(h["recipe_penalty"])) for h in meta["history"])
+
+
+def test_eval_feature_penalty_sees_eval_features_and_leaves_the_teacher_training(
+    small_train: ImageDataset,
+) -> None:
+    """features=eval: the penalty is computed on batch norm's running statistics (what the
+    defence measures); the step leaves the teacher in train mode with the running statistics
+    of its one training pass."""
+    seed_everything(0)
+    data = small_train.subset(range(64))
+    poisoning = poison_dataset(data, create_trigger("badnets", size=3), 0.25, 0, seed=0)
+    x = normalize(to_float(poisoning.dataset.images), data.mean, data.std)
+    y, idx = poisoning.dataset.labels, torch.arange(64)
+    train = TrainConfig(epochs=1, batch_size=64, lr=0.05, device="cpu")
+    penalties = {}
+    for features in ("train", "eval"):
+        seed_everything(0)
+        teacher = create_model("small-cnn-student", num_classes=10, in_channels=1, image_size=28)
+        reference = copy.deepcopy(teacher).train()
+        reference(x)  # one training pass: what the running statistics should hold after
+        recipe = RECIPES.get("adaptive")(features=features, k=0.5)
+        loss_fn = recipe.loss_fn(teacher, poisoning.poisoned_mask, poisoning.dataset, train)
+        teacher.train()
+        loss_fn(teacher, x, y, idx)  # the first call only gathers the clean statistics
+        loss_fn(teacher, x, y, idx).backward()
+        assert teacher.training
+        for mine, ref in zip(teacher.modules(), reference.modules(), strict=True):
+            if isinstance(mine, torch.nn.BatchNorm2d):
+                assert mine.num_batches_tracked == 2 * ref.num_batches_tracked
+        penalties[features] = recipe.epoch_terms()["recipe_penalty"]
+    assert penalties["train"] != penalties["eval"]  # two different views of the features
 
 
 # --------------------------------------------------------------------------- options and errors

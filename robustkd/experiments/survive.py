@@ -432,6 +432,11 @@ class AdaptiveRecipe(TeacherRecipe):
         "momentum": Option(0.9, _number(0.0, 1.0), "a number in [0, 1]"),
         "top_share": Option(0.01, _number(0.0, 1.0, low_open=True), "a fraction in (0, 1]"),
         "layers": Option("all", _layer_list, "'all' or a list of layer names"),
+        # "train": the penalty sees the training forward pass (batch norm on batch statistics);
+        # "eval": the features as the defence measures them (batch norm on its running
+        # statistics), one more forward pass per step. At tiny scale "eval" lowered the score
+        # less (the running statistics lag early in training); docs/results.md has both
+        "features": Option("train", lambda v: v in ("eval", "train"), "'eval' or 'train'"),
     }
 
     def loss_fn(
@@ -481,6 +486,15 @@ class AdaptiveRecipe(TeacherRecipe):
             with capture(model, names) as out:  # hooks on the model itself, under DDP too
                 logits = m(x)
             ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            if v["features"] == "eval" and model.training:
+                # the module itself (not a DDP or compiled wrapper): one backward takes both
+                # passes' gradients, and batch norm's running statistics are left as they are
+                model.eval()
+                try:
+                    with capture(model, names) as out:
+                        model(x)
+                finally:
+                    model.train()
             pen = sum((penalty(n, out[n], bad) for n in names), logits.new_zeros(()))
             self._log(ce=ce.detach(), penalty=pen.detach())
             return ce + weight * pen
