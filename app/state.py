@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,23 @@ def runs_root() -> Path:
 
 def default_teacher_path() -> Path:
     return Path(os.environ.get(TEACHER_ENV) or DEFAULT_TEACHER)
+
+
+# teachers shipped beside the default, each showing an attack (``make examples`` rebuilds them)
+EXAMPLES = Path(DEFAULT_TEACHER).parent / "examples"
+EXAMPLE_NAMES = {  # file stem → what the sidebar calls it
+    "optimized-blend": "Optimised blend: a learned trigger (mask ≤ 0.2)",
+    "adaptive": "Adaptive blend: trained to hide from the variance defence",
+}
+
+
+def shipped_teachers() -> dict[str, Path]:
+    """The shipped teachers by the names the sidebar shows: the default first."""
+    default = default_teacher_path()
+    found = {f"Default: {default.stem}": default}
+    for path in sorted(EXAMPLES.glob("*.safetensors")):
+        found[EXAMPLE_NAMES.get(path.stem, path.stem)] = path
+    return found
 
 
 def teacher_path() -> Path:
@@ -219,18 +237,32 @@ def data_key() -> dict[str, str | None]:
     return dict(user_data())
 
 
-def keep_widget_values(keys: tuple[str, ...]) -> None:
+def keep_widget_values(
+    keys: tuple[str, ...], valid: dict[str, Callable[[Any], bool]] | None = None
+) -> None:
     """Keep what the user chose in widgets a run may not draw (another page or tab open).
 
     Streamlit forgets a widget's value once a run does not draw it, so at the start of every
     run each key's value is copied aside (``_<key>``) while it exists and given back when it
-    was forgotten. Call it at the top of a page, before its widgets.
+    was forgotten. A value its ``valid`` check refuses (the options changed: another teacher,
+    a smaller data set) is forgotten, so the widget starts from its default. Call it before the
+    widgets are drawn.
     """
+    checks = valid or {}
     for key in keys:
+        ok = checks.get(key)
+        kept = f"_{key}"
         if key in st.session_state:
-            st.session_state[f"_{key}"] = st.session_state[key]
-        elif st.session_state.get(f"_{key}") is not None:
-            st.session_state[key] = st.session_state[f"_{key}"]
+            if ok is None or ok(st.session_state[key]):
+                st.session_state[kept] = st.session_state[key]
+                continue
+            del st.session_state[key]
+            st.session_state.pop(kept, None)
+        elif st.session_state.get(kept) is not None:
+            if ok is None or ok(st.session_state[kept]):
+                st.session_state[key] = st.session_state[kept]
+            else:
+                del st.session_state[kept]
 
 
 def show_error(exc: BaseException) -> None:
@@ -437,12 +469,23 @@ def _importable(path: Path) -> bool:
 
 
 def pick_teacher() -> None:
-    """Sidebar widget: the shipped default, a run's output, or an uploaded checkpoint."""
+    """Sidebar widget: a shipped teacher, a run's output, or an uploaded checkpoint."""
     choice = st.radio(
-        "Teacher", ["Shipped default", "From a run", "Upload"], key="teacher_src", horizontal=True
+        "Teacher", ["Shipped", "From a run", "Upload"], key="teacher_src", horizontal=True
     )
-    if choice == "Shipped default":
-        st.session_state["teacher_path"] = str(default_teacher_path())
+    if choice == "Shipped":
+        shipped = shipped_teachers()
+        label = next(iter(shipped))
+        if len(shipped) > 1:
+            label = st.selectbox(
+                "Shipped teacher",
+                list(shipped),
+                key="teacher_shipped",
+                help="The default carries a BadNets patch; the others show attacks built to "
+                "survive distillation or to evade the variance defence (README: attacks that "
+                "survive distillation).",
+            )
+        st.session_state["teacher_path"] = str(shipped[label])
         st.session_state["teacher_args"] = {}
     elif choice == "From a run":
         options = run_checkpoints()

@@ -45,10 +45,9 @@ from robustkd.viz.variance_figures import (
 )
 
 TABS = ("Variance maps", "Top channels", "Threshold")
-# what the user chose, kept while another tab or page is open
+# what the user chose, kept while another tab or page is open (the open tab is the address's)
 KEPT = (
-    "var_tab", "var_layer", "var_n", "var_image", "var_trusted", "var_percent", "var_gran",
-    "var_threshold",
+    "var_layer", "var_n", "var_image", "var_trusted", "var_percent", "var_gran", "var_threshold",
 )  # fmt: skip
 # log-spaced slider stops from 1 to 50
 THRESHOLDS = sorted({round(float(v), 2) for v in np.geomspace(1.0, 50.0, 41)})
@@ -178,11 +177,20 @@ if offer_reset and st.button("Use the teacher's stored trigger", key="var_stored
         st.session_state.pop(k, None)
     st.rerun()
 
-keep_widget_values(KEPT)
+sizes = sorted({n for n in (100, 200, 500, 1000, 2000) if n <= len(data)} | {min(len(data), 500)})
+limit = max(4, len(val) // 3)  # trusted clean images the threshold may use
+# a value kept from another teacher or data set that no longer fits starts afresh
+keep_widget_values(
+    KEPT,
+    {
+        "var_layer": lambda v: v in layers,
+        "var_n": lambda v: v in sizes,
+        "var_trusted": lambda v: isinstance(v, int) and 4 <= v <= limit,
+    },
+)
 c1, c2 = st.columns(2)
 # a middle stage: early layers see pixels, the last one mostly classes
 layer = c1.selectbox("Layer", layers, index=len(layers) // 2, key="var_layer")
-sizes = sorted({n for n in (100, 200, 500, 1000, 2000) if n <= len(data)} | {min(len(data), 500)})
 n = c2.select_slider("Test images", sizes, value=min(500, len(data)), key="var_n")
 sub = data.subset(range(n))
 trigger_json = json.dumps(trigger.to_dict(), sort_keys=True)
@@ -228,6 +236,7 @@ if top_tab.open:
             + ", ".join(f"channel {c} ×{r:.2f}" for c, r in zip(top, ratios, strict=True))
         )
         st.subheader("Activation maps of the top channels")
+        keep_widget_values(("var_image",), {"var_image": lambda v: 0 <= v < n})
         i = st.number_input("Test image", 0, n - 1, 0, key="var_image")
         one = data.subset([int(i)])
         clean_act = activations(model, one, layer)[0]
@@ -244,7 +253,6 @@ with threshold_tab:
         "clean mean."
     )
     c1, c2, c3 = st.columns(3)
-    limit = max(4, len(val) // 3)
     size = int(
         c1.number_input("Trusted clean images (val)", 4, limit, min(500, limit), key="var_trusted")
     )

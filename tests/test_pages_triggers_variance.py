@@ -461,8 +461,10 @@ def test_triggers_page_uploads() -> None:
 
 
 def open_tab(at: AppTest, label: str) -> AppTest:
-    """Open one of the Feature variance page's tabs (only the open one runs)."""
+    """Open one of the Feature variance page's tabs (only the open one runs): the tab is
+    bound to the address, as a click in the browser sets both."""
     at.session_state["var_tab"] = label
+    at.query_params["var_tab"] = label
     return at.run()
 
 
@@ -503,6 +505,31 @@ def test_variance_page_first_answer_then_all_images(monkeypatch: pytest.MonkeyPa
     assert help_acc.startswith("100 test images;")
     assert f"{100 * full.acc:.2f} %" == _metric(at, "Detoxified ACC")
     assert not any("First answer on" in c.value for c in at.caption)  # replaced by all
+
+
+@pytest.mark.usefixtures("app_env")
+def test_variance_page_forgets_kept_choices_that_no_longer_fit() -> None:
+    """Choices kept across pages that the current teacher or data cannot take (a layer it
+    does not have, more images than the set holds) start from the defaults, not an error."""
+    at = open_tab(open_page("variance.py"), "Top channels")
+    at.switch_page(str(ROOT / "pages" / "teacher.py")).run()  # the page's widgets forgotten
+    for key, value in (("var_layer", "layer9"), ("var_n", 777), ("var_image", 5000)):
+        at.session_state[f"_{key}"] = value  # as kept from another teacher or data set
+    at.switch_page(str(ROOT / "pages" / "variance.py")).run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="var_layer").value == "block2"
+    assert at.select_slider(key="var_n").value == 500
+    assert at.number_input(key="var_image").value == 0
+    at.number_input(key="var_image").set_value(7).run()
+    at.select_slider(key="var_n").set_value(100).run()
+    assert at.number_input(key="var_image").value == 7  # still inside the 100 images
+    open_tab(at, "Threshold")
+    at.switch_page(str(ROOT / "pages" / "teacher.py")).run()
+    at.session_state["_var_trusted"] = 10**6
+    at.switch_page(str(ROOT / "pages" / "variance.py")).run()
+    open_tab(at, "Threshold")
+    assert not at.exception and at.number_input(key="var_trusted").value == 500
+    assert at.select_slider(key="var_n").value == 100  # what fits is still kept
 
 
 @pytest.mark.usefixtures("app_env")
