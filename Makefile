@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 PORT ?= 8501
 
-.PHONY: setup data browser run test lint teacher lesson results clean
+.PHONY: setup data browser run test lint teacher examples lesson results clean
 
 setup: $(STAMP) data
 
@@ -49,6 +49,12 @@ test: setup browser lint
 # Rebuild the shipped default teacher (see README: seed, wall time, ACC/ASR).
 teacher: setup
 	$(VENV)/bin/robustkd train-teacher --preset fashion-badnets --out assets/default_teacher.safetensors
+
+# Rebuild the shipped example teachers (assets/examples/): attacks built to survive distillation
+# or to evade the variance defence, 6 epochs each (README: "Attacks that survive distillation").
+examples: setup
+	$(VENV)/bin/robustkd train-teacher --preset fashion-optimized --epochs 6 --out assets/examples/optimized-blend.safetensors
+	$(VENV)/bin/robustkd train-teacher --preset fashion-adaptive --epochs 6 --out assets/examples/adaptive.safetensors
 
 # Rebuild the Teach page's shipped students (assets/lesson/): the shipped teacher distilled
 # three ways for 40 epochs on 50,000 images, then re-evaluated on the CPU (README: "The classroom lesson").

@@ -63,6 +63,29 @@ def test_a_page_switch_back_to_the_teacher_measures_nothing_again(
     assert len(calls) == 2
 
 
+def test_a_shipped_example_teacher_is_one_choice_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidebar offers the shipped examples beside the default; picking one shows its
+    attack on the Triggers page, and the default is one choice back."""
+    from app.state import EXAMPLE_NAMES
+
+    monkeypatch.delenv("ROBUSTKD_TEACHER", raising=False)
+    at = AppTest.from_file(MAIN, default_timeout=180)
+    at.run()
+    box = at.sidebar.selectbox(key="teacher_shipped")
+    assert box.options[0] == "Default: default_teacher" and box.value == box.options[0]
+    assert EXAMPLE_NAMES["optimized-blend"] in box.options
+    box.set_value(EXAMPLE_NAMES["optimized-blend"]).run()
+    assert not at.exception and at.session_state["teacher_path"].endswith(
+        "optimized-blend.safetensors"
+    )
+    at.switch_page(str(ROOT / "pages" / "triggers.py")).run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="trig_name").value == "optimized-blend"
+    assert any(c.value.startswith("The teacher's learned pattern") for c in at.caption)
+    at.sidebar.selectbox(key="teacher_shipped").set_value(box.options[0]).run()
+    assert at.session_state["teacher_path"].endswith("default_teacher.safetensors")
+
+
 def test_missing_teacher_is_one_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ROBUSTKD_TEACHER", str(tmp_path / "gone.safetensors"))
     at = AppTest.from_file(MAIN, default_timeout=60)

@@ -1,4 +1,4 @@
-"""The shipped default teacher is what its metadata says it is."""
+"""The shipped default teacher, and the shipped example teachers, are what their metadata says."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from robustkd.analysis.metrics import evaluate
 from robustkd.attacks import trigger_from_dict
 from robustkd.data.datasets import load_dataset
 from robustkd.models import model_names
-from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint
+from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint, read_metadata
+
+EXAMPLES = sorted((DEFAULT_TEACHER.parent / "examples").glob("*.safetensors"))
+# file → the recipe it shows (make examples)
+RECIPES = {"optimized-blend": "optimized-blend", "adaptive": "adaptive"}
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +39,21 @@ def test_recomputed_acc_asr_match_metadata(teacher) -> None:
 
 def test_small_enough_to_commit() -> None:
     assert DEFAULT_TEACHER.stat().st_size < 5_000_000
+
+
+def test_the_examples_are_shipped() -> None:
+    assert [p.stem for p in EXAMPLES] == sorted(RECIPES)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_teachers_are_what_they_say(path) -> None:
+    """Each example carries its recipe and a working backdoor, re-measured here."""
+    meta = read_metadata(path)
+    assert meta["recipe"]["name"] == RECIPES[path.stem] and meta["dataset"] == "fashion-mnist"
+    assert meta["metrics"]["acc"] >= 0.88 and meta["metrics"]["asr"] >= 0.99
+    assert path.stat().st_size < 5_000_000
+    model, meta = load_checkpoint(path)
+    test = load_dataset("fashion-mnist", "test").subset(range(2000))
+    result = evaluate(model, test, trigger_from_dict(meta["trigger"]), meta["target"])
+    assert abs(result.acc - meta["metrics"]["acc"]) <= 0.015
+    assert abs(result.asr - meta["metrics"]["asr"]) <= 0.015

@@ -335,6 +335,8 @@ def test_cli_trains_a_recipe_teacher_and_refuses_bad_options(
     assert code == 0, err
     meta = read_metadata(out_path)
     assert meta["trigger"]["name"] == "optimized-blend" and meta["recipe"]["steps"] == 3
+    code, out, _ = run_cli(["info", str(out_path)], capsys)
+    assert code == 0 and "recipe         optimized-blend (warmup_epochs=0, " in out
 
 
 def test_triggers_page_shows_the_learned_trigger(

@@ -265,6 +265,10 @@ def _info(args: argparse.Namespace) -> int:
                 }
                 value = json.dumps(shown)
             print(f"{label:<15}{value}")
+    recipe = meta.get("recipe")
+    if isinstance(recipe, dict) and recipe.get("name"):  # how the teacher was made
+        options = ", ".join(f"{k}={v}" for k, v in recipe.items() if k != "name")
+        print(f"{'recipe':<15}{recipe['name']}" + (f" ({options})" if options else ""))
     if card.metrics and card.metrics.get("acc") is not None:
         asr = card.metrics.get("asr")
         print(

@@ -434,8 +434,9 @@ class AdaptiveRecipe(TeacherRecipe):
         "layers": Option("all", _layer_list, "'all' or a list of layer names"),
         # "train": the penalty sees the training forward pass (batch norm on batch statistics);
         # "eval": the features as the defence measures them (batch norm on its running
-        # statistics), one more forward pass per step. At tiny scale "eval" lowered the score
-        # less (the running statistics lag early in training); docs/results.md has both
+        # statistics), one more forward pass per step. "eval" lowered the tiny test's score
+        # less, and at full size it wrecked training (val ACC 10 % after 2 epochs, see
+        # docs/results.md): the running statistics lag the weights the penalty moves
         "features": Option("train", lambda v: v in ("eval", "train"), "'eval' or 'train'"),
     }
 
