@@ -482,8 +482,8 @@ def pick_teacher() -> None:
                 list(shipped),
                 key="teacher_shipped",
                 help="The default carries a BadNets patch; the others show attacks built to "
-                "survive distillation or to evade the variance defence (README: attacks that "
-                "survive distillation).",
+                "survive distillation or to evade the variance defence (docs/results.md: "
+                "Attacks that survive distillation).",
             )
         st.session_state["teacher_path"] = str(shipped[label])
         st.session_state["teacher_args"] = {}
