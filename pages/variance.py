@@ -195,7 +195,7 @@ n = c2.select_slider("Test images", sizes, value=min(500, len(data)), key="var_n
 sub = data.subset(range(n))
 trigger_json = json.dumps(trigger.to_dict(), sort_keys=True)
 # Only the open tab runs and is drawn (a page switch draws two charts, not five); the open tab
-# is in the address, so a link can open the threshold directly (…/variance?tab=Threshold).
+# is in the address, so a link can open the threshold directly (…/variance?var_tab=Threshold).
 maps_tab, top_tab, threshold_tab = st.tabs(
     TABS, key="var_tab", on_change="rerun", bind="query-params"
 )
