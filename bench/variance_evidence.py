@@ -18,23 +18,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from robustkd.attacks import trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
 from robustkd.data.datasets import load_dataset
-from robustkd.defenses.detox import SampleScreen, ThresholdFit, fit_screen, fit_threshold
+from robustkd.defenses.detox import fit_screen, fit_threshold
 from robustkd.errors import RobustKDError
 from robustkd.models.checkpoints import load_checkpoint
 from robustkd.models.modelcard import attack_mode_of, normalized_for
 from robustkd.training.scenarios import probe_scenario
-
-
-def _calibrated(screen: SampleScreen, teacher: torch.nn.Module, fit: ThresholdFit) -> SampleScreen:
-    """``screen`` with its threshold at its quantile of the trusted clean scores (half B)."""
-    clean = screen.scores(teacher, fit.calibration)
-    screen.threshold = float(torch.quantile(clean.double(), screen.quantile))
-    return screen
 
 
 def evidence(path: Path, size: int, rate: float) -> list[str]:
@@ -64,17 +55,7 @@ def evidence(path: Path, size: int, rate: float) -> list[str]:
         )
     cells = []
     flagged_screen = fit_screen(model, fit)
-    every_unit = _calibrated(
-        SampleScreen(
-            {n: torch.ones_like(m) for n, m in flagged_screen.masks.items()},
-            flagged_screen.means,
-            flagged_screen.stds,
-            float("inf"),
-            flagged_screen.quantile,
-        ),
-        model,
-        fit,
-    )
+    every_unit = fit_screen(model, fit, units="all")
     for screen in (flagged_screen, every_unit):
         if not screen.active:
             cells.append("inactive (no unit flagged)")

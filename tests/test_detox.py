@@ -319,6 +319,12 @@ def test_fit_screen_without_flagged_units(
     for q in (0.3, 1.0, 1.5):
         with pytest.raises(ConfigError):
             fit_screen(teacher, fit, quantile=q)
+    # on every unit, for comparison: active even where nothing is flagged, calibrated
+    every = fit_screen(teacher, fit, threshold=1e9, units="all")
+    assert every.active and all(bool(m.all()) for m in every.masks.values())
+    assert math.isfinite(every.threshold)
+    with pytest.raises(ConfigError, match="'flagged' units or 'all'"):
+        fit_screen(teacher, fit, units="some")
 
 
 # --------------------------------------------------------------------------- preview

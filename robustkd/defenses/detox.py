@@ -305,12 +305,22 @@ class SampleScreen:
 
 
 def fit_screen(
-    teacher: nn.Module, fit: ThresholdFit, threshold: float | None = None, quantile: float = 0.99
+    teacher: nn.Module,
+    fit: ThresholdFit,
+    threshold: float | None = None,
+    quantile: float = 0.99,
+    units: str = "flagged",
 ) -> SampleScreen:
-    """A sample screen on the units flagged at ``threshold``, calibrated on trusted half B."""
+    """A sample screen on the units flagged at ``threshold`` (``units="all"``: on every unit
+    of every layer, for comparison), calibrated on trusted half B."""
     if not 0.5 <= quantile < 1:
         raise ConfigError(f"The screening quantile must lie in [0.5, 1); got {quantile}.")
-    masks = {n: f.mask(threshold) for n, f in fit.layers.items()}
+    if units not in ("flagged", "all"):
+        raise ConfigError(f"Screen the 'flagged' units or 'all' of them; got {units!r}.")
+    masks = {
+        n: torch.ones_like(f.mask(threshold)) if units == "all" else f.mask(threshold)
+        for n, f in fit.layers.items()
+    }
     means = {n: f.reference.unit_mean for n, f in fit.layers.items()}
     stds = {n: f.reference.unit_var.clamp_min(1e-8).sqrt() + 1e-3 for n, f in fit.layers.items()}
     screen = SampleScreen(masks, means, stds, float("inf"), quantile)
