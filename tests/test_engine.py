@@ -109,6 +109,10 @@ def test_resume_refuses_another_identity(small_train: ImageDataset, tmp_path: Pa
                          identity=made)  # fmt: skip
     assert result.resumed_from == 1
     saved = torch.load(state, weights_only=True)
+    torch.save({**saved, "identity": ["not", "a", "dict"]}, state)  # a tampered file
+    with pytest.raises(CheckpointError, match="not readable"):
+        train_model(_fresh(), data, _config(epochs=3), state_path=state, resume=True,
+                    identity=made)  # fmt: skip
     del saved["identity"]  # as written before identities were saved
     torch.save(saved, state)
     result = train_model(_fresh(), data, _config(epochs=3), state_path=state, resume=True,

@@ -300,6 +300,11 @@ def _load_state(
             "use the same options or delete the state file to start afresh."
         )
     saved_identity = state.get("identity", identity)  # a state saved before identities: as now
+    if not isinstance(saved_identity, dict):
+        raise CheckpointError(
+            f"Cannot resume from {path}: its record of how the run was made is not readable; "
+            "delete the state file to start afresh."
+        )
     if saved_identity != identity:
         keys = sorted(k for k in {*saved_identity, *identity}
                       if saved_identity.get(k) != identity.get(k))  # fmt: skip
