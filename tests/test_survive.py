@@ -277,7 +277,7 @@ def test_unknown_recipe_lists_the_known_ones() -> None:
         recipe_from_dict({"name": "trojan"})
     for name in recipe_names():
         assert name in str(info.value)
-    assert set(recipe_names()) == {"optimized-blend", "adba", "adaptive"}
+    assert set(recipe_names()) == {"optimized-blend", "adba", "adaptive", "adaptive-learned"}
 
 
 def test_metadata_refuses_a_malformed_recipe() -> None:
@@ -296,11 +296,14 @@ def test_presets_name_the_recipes() -> None:
     assert preset("fashion-adba")["recipe"]["name"] == "adba"
     assert preset("fashion-adaptive")["recipe"]["variant"] == "excess"
     assert preset("fashion-adaptive-spread")["recipe"]["variant"] == "spread"
+    assert preset("fashion-adaptive-learned")["recipe"]["name"] == "adaptive-learned"
+    assert preset("fashion-adaptive-learned")["trigger"] == {"name": "optimized-blend"}
     for name in (
         "fashion-optimized",
         "fashion-adba",
         "fashion-adaptive",
         "fashion-adaptive-spread",
+        "fashion-adaptive-learned",
     ):
         values = preset(name)
         values.pop("distill")

@@ -106,6 +106,11 @@ class OptimizedBlendTrigger(Trigger):
         """The ``(H, W)`` blend mask at that image size, values in [0, max_mask]."""
         return self._resized(1, height, width, torch.device("cpu"), torch.float64)[1][0].clone()
 
+    def pattern(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The ``(C, H, W)`` pattern at that size, values in [0, 1]."""
+        cpu = torch.device("cpu")
+        return self._resized(channels, height, width, cpu, torch.float64)[0].clone()
+
     def _resized(
         self, channels: int, height: int, width: int, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,6 +80,18 @@ PRESETS.register("fashion-adaptive")(
 PRESETS.register("fashion-adaptive-spread")(
     _recipe(_BLEND, {"name": "adaptive", "variant": "spread", "weight": 0.1})
 )
+_ADAPTIVE_LEARNED = {
+    "variant": "excess",
+    "k": 2.0,
+    "weight": 1.0,
+    "max_mask": 0.2,
+    "trigger_lr": 0.02,
+}
+# the trigger too is learned (from a random pattern at mask 0.05, no warm-up), by the teacher's
+# own loss and the same per-unit penalty, so as to stay quiet at the first stage as well
+PRESETS.register("fashion-adaptive-learned")(
+    _recipe({"name": "optimized-blend"}, {"name": "adaptive-learned", **_ADAPTIVE_LEARNED})
+)
 
 # For teaching without a GPU: `compare` on the shipped teacher with 10,000 distillation images,
 # 6 epochs and 2,000 test images (minutes on 2 CPU cores; fewer steps and plain KD barely

@@ -56,6 +56,7 @@ from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError
 from robustkd.models import create_model
 from robustkd.registry import Registry
+from robustkd.training import distributed
 from robustkd.training.config import LossFn, ProgressFn, TrainConfig
 from robustkd.training.device import resolve_device
 from robustkd.training.engine import train_model
@@ -152,6 +153,19 @@ class TeacherRecipe(abc.ABC):
     ) -> Trigger | None:
         """Run before poisoning (may train ``model`` and learn a trigger); the trigger to plant."""
         return trigger
+
+    def current_trigger(self, trigger: Trigger | None) -> Trigger | None:
+        """The trigger as it stands now (a recipe that learns it during training returns its
+        latest version; the others the one they planted)."""
+        return trigger
+
+    # what trains beside the teacher (a learned trigger), saved with the training state so a
+    # resume continues it; the engine's ``companion``
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
     @abc.abstractmethod
     def loss_fn(
@@ -440,18 +454,14 @@ class AdaptiveRecipe(TeacherRecipe):
         "features": Option("train", lambda v: v in ("eval", "train"), "'eval' or 'train'"),
     }
 
-    def loss_fn(
-        self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
-    ) -> LossFn:
+    def _penalty(self) -> Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``penalty(layer, activations, bad)``: the term for the triggered rows ``bad`` of one
+        stage's activations, with the clean rows' running statistics updated on the way."""
         v = self.values
-        names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
-        device = next(model.parameters()).device
-        marks = poisoned.to(device)
         means: dict[str, torch.Tensor] = {}
         variances: dict[str, torch.Tensor] = {}
         tops: dict[str, torch.Tensor] = {}  # clean images' mean largest z (spread)
-        k, weight, momentum, top_share = v["k"], v["weight"], v["momentum"], v["top_share"]
-        smoothing = train.label_smoothing
+        k, momentum, top_share = v["k"], v["momentum"], v["top_share"]
 
         def penalty(n: str, a: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
             a = a.float().flatten(1)
@@ -482,6 +492,18 @@ class AdaptiveRecipe(TeacherRecipe):
             top = z.topk(share, dim=1).values.mean(1)
             return F.relu(top - tops[n]).mean() if n in tops else a.new_zeros(())
 
+        return penalty
+
+    def loss_fn(
+        self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
+    ) -> LossFn:
+        v = self.values
+        names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
+        device = next(model.parameters()).device
+        marks = poisoned.to(device)
+        penalty = self._penalty()
+        weight, smoothing = v["weight"], train.label_smoothing
+
         def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             bad = marks[idx.to(device)]
             with capture(model, names) as out:  # hooks on the model itself, under DDP too
@@ -498,6 +520,142 @@ class AdaptiveRecipe(TeacherRecipe):
                     model.train()
             pen = sum((penalty(n, out[n], bad) for n in names), logits.new_zeros(()))
             self._log(ce=ce.detach(), penalty=pen.detach())
+            return ce + weight * pen
+
+        return loss
+
+
+@RECIPES.register("adaptive-learned")
+class AdaptiveLearnedRecipe(AdaptiveRecipe):
+    """The adaptive penalty with a trigger learned *during* teacher training: a blend pattern
+    and a soft mask (≤ ``max_mask``) updated at every step, by Adam, on the same loss as the
+    teacher — the triggered images' cross-entropy toward the target plus the per-unit penalty at
+    every stage — so the trigger itself is shaped to stay inside the clean range, first stage
+    included, while the teacher learns it."""
+
+    name = "adaptive-learned"
+    description = (
+        "adaptive attack with a learned trigger: pattern and mask trained with the teacher to "
+        "stay inside the clean per-unit range at every stage"
+    )
+    learns_trigger = True
+    options: ClassVar[dict[str, Option]] = {
+        # the penalty sees the training pass (no ``features`` option: "eval" wrecked training)
+        **{k: o for k, o in AdaptiveRecipe.options.items() if k != "features"},
+        "max_mask": Option(0.2, _number(0.0, 1.0, low_open=True), "a number in (0, 1]"),
+        "trigger_lr": Option(0.02, _number(0.0, 10.0, low_open=True), "a number in (0, 10]"),
+    }
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**values)
+        self._logits: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._opt: torch.optim.Optimizer | None = None
+        self._source: torch.Tensor | None = None
+
+    def prepare(
+        self,
+        model: nn.Module,
+        clean: ImageDataset,
+        trigger: Trigger | None,
+        train: TrainConfig,
+        progress: ProgressFn | None = None,
+    ) -> Trigger | None:
+        if distributed.world_size() > 1:
+            raise ConfigError(
+                "The adaptive-learned recipe learns its trigger in one process; train it "
+                "without torchrun."
+            )
+        if clean.in_channels not in (1, 3):
+            raise ConfigError(
+                "The adaptive-learned trigger is learned for grey or RGB images; this data set "
+                f"has {clean.in_channels} channels."
+            )
+        device = resolve_device(train.device)
+        c, h, w = clean.input_shape
+        max_mask = self.values["max_mask"]
+        if isinstance(trigger, OptimizedBlendTrigger):  # go on from a given trigger
+            pattern = torch.logit(trigger.pattern(c, h, w).float().clamp(0.01, 0.99))
+            share = (trigger.mask(h, w).float() / max_mask).clamp(0.01, 0.99)
+            mask = torch.logit(share)[None]
+        else:  # a random pattern at a quarter of the bound everywhere, as learn_blend_trigger
+            g = torch.Generator().manual_seed(train.seed)
+            pattern = torch.randn((c, h, w), generator=g) * 0.5
+            mask = torch.full((1, h, w), -1.1)
+        self._logits = (
+            pattern.to(device).requires_grad_(),
+            mask.to(device).requires_grad_(),
+        )
+        self._opt = torch.optim.Adam(self._logits, lr=self.values["trigger_lr"])
+        # the clean images, indexed as the poisoned set: triggered rows are stamped afresh at
+        # every step with the trigger as it stands
+        self._source = clean.images.to(device)
+        return self.current_trigger(None)
+
+    def _blend(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._logits is not None, "prepare() first"
+        pattern, mask = self._logits
+        return torch.sigmoid(pattern), self.values["max_mask"] * torch.sigmoid(mask)
+
+    def current_trigger(self, trigger: Trigger | None) -> Trigger | None:
+        if self._logits is None:
+            return trigger
+        with torch.no_grad():
+            pattern, mask = self._blend()
+            return OptimizedBlendTrigger.from_tensors(
+                pattern.cpu(), mask.clamp(0.0, self.values["max_mask"]).cpu(),
+                self.values["max_mask"],
+            )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._logits is None or self._opt is None:
+            return {}
+        pattern, mask = self._logits
+        return {
+            "pattern": pattern.detach().cpu(),
+            "mask": mask.detach().cpu(),
+            "optimizer": self._opt.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._logits is None or self._opt is None:
+            raise ConfigError("The adaptive-learned recipe's state loads after prepare().")
+        with torch.no_grad():
+            for mine, saved in zip(self._logits, (state["pattern"], state["mask"]), strict=True):
+                mine.copy_(saved)
+        self._opt.load_state_dict(state["optimizer"])
+
+    def loss_fn(
+        self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
+    ) -> LossFn:
+        assert self._logits is not None and self._opt is not None and self._source is not None
+        v = self.values
+        names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
+        device = next(model.parameters()).device
+        marks = poisoned.to(device)
+        source, opt, logits_ = self._source, self._opt, self._logits
+        mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        penalty = self._penalty()
+        weight, smoothing = v["weight"], train.label_smoothing
+
+        def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            # the trigger's step, on the gradients the engine's last backward left on it
+            if logits_[0].grad is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            rows = idx.to(device)
+            bad = marks[rows]
+            pattern, mask = self._blend()
+            if bool(bad.any()):  # stamped now (not augmented), as a test image would be
+                clean = to_float(source[rows[bad]])
+                stamped = ((1 - mask) * clean + mask * pattern - mean) / std
+                x = x.clone()
+                x[bad] = stamped.to(x.dtype)
+            with capture(model, names) as out:
+                logits = m(x)
+            ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
+            pen = sum((penalty(n, out[n], bad) for n in names), logits.new_zeros(()))
+            self._log(ce=ce.detach(), penalty=pen.detach(), mask=mask.detach().mean())
             return ce + weight * pen
 
         return loss

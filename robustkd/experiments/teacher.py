@@ -155,7 +155,8 @@ def train_teacher(
             attack["trigger_objective"] = [learned[0], learned[-1]]
 
     def on_epoch(m: nn.Module) -> dict[str, Any]:
-        ev = evaluate(m, val_set, trigger, config.target if trigger else None, config.mode)
+        now = recipe.current_trigger(trigger) if recipe is not None else trigger
+        ev = evaluate(m, val_set, now, config.target if now else None, config.mode)
         record: dict[str, Any] = {"val_acc": ev.acc, "val_asr": ev.asr}
         if recipe is not None:
             record.update(recipe.epoch_terms())
@@ -172,7 +173,13 @@ def train_teacher(
         state_path=out.with_suffix(".state.pt"),
         resume=resume,
         identity={"recipe": recipe.to_dict() if recipe is not None else None},
+        companion=recipe,
     )
+    if recipe is not None:  # a trigger learned during training: the one it ended with
+        learned_now = recipe.current_trigger(trigger)
+        if learned_now is not trigger and attack is not None and learned_now is not None:
+            attack["trigger"] = learned_now.to_dict()
+        trigger = learned_now
     model.cpu().eval()
     final = evaluate(model, test_set, trigger, config.target if trigger else None, config.mode)
     metadata = {

@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,14 @@ from robustkd.training.config import (
 from robustkd.training.device import resolve_device
 
 
+class Companion(Protocol):
+    """Something trained beside the model whose state a resume must restore."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclasses.dataclass
 class TrainResult:
     history: list[dict[str, Any]]
@@ -71,6 +79,7 @@ def train_model(
     state_path: str | Path | None = None,
     resume: bool = False,
     identity: dict[str, Any] | None = None,
+    companion: Companion | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_set``.
 
@@ -78,8 +87,10 @@ def train_model(
     after each epoch and its dict joins the history; with ``state_path`` the full training
     state is saved after every epoch and ``resume=True`` continues from it. ``identity`` (plain
     JSON-like values, e.g. a teacher recipe and its options) is what else makes the run what it
-    is: it is saved with the state, and a resume with a different one is refused. On CUDA, step
-    events carry no loss (reading it would make the host wait for the GPU every step).
+    is: it is saved with the state, and a resume with a different one is refused. ``companion``
+    is whatever else trains beside the model (a teacher recipe's learned trigger and its
+    optimiser): its ``state_dict()`` is saved with the state and loaded back on a resume. On
+    CUDA, step events carry no loss (reading it would make the host wait for the GPU every step).
     """
     config.validate()
     if len(train_set) == 0:
@@ -110,7 +121,7 @@ def train_model(
     start_epoch = 0
     if resume and state_path is not None and Path(state_path).exists():
         start_epoch, history = _load_state(
-            Path(state_path), model, optimizer, scheduler, config, identity or {}
+            Path(state_path), model, optimizer, scheduler, config, identity or {}, companion
         )
     net: nn.Module = model
     if world > 1:
@@ -172,6 +183,7 @@ def train_model(
                 epoch + 1,
                 history,
                 identity or {},
+                companion,
             )
         if progress is not None and main:
             progress(
@@ -262,9 +274,11 @@ def _save_state(
     epoch: int,
     history: list[dict[str, Any]],
     identity: dict[str, Any],
+    companion: Companion | None = None,
 ) -> None:
     state = {
         "identity": identity,
+        "companion": companion.state_dict() if companion is not None else {},
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -283,6 +297,7 @@ def _load_state(
     scheduler: Any,
     config: TrainConfig,
     identity: dict[str, Any],
+    companion: Companion | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -316,4 +331,6 @@ def _load_state(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if companion is not None and state.get("companion"):
+        companion.load_state_dict(state["companion"])
     return int(state["epoch"]), list(state.get("history", []))
