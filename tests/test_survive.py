@@ -13,6 +13,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from robustkd.analysis.metrics import evaluate
 from robustkd.attacks import OptimizedBlendTrigger, create_trigger, trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
 from robustkd.data.datasets import ImageDataset, normalize, to_float
@@ -309,6 +310,83 @@ def test_presets_name_the_recipes() -> None:
         values.pop("distill")
         config = TeacherConfig.from_dict(values)
         recipe_from_dict(config.recipe)  # valid options
+
+
+# ------------------------------------------------------------------ adaptive, learned trigger
+
+
+def _learned_config(weight: float, **kw: Any) -> TeacherConfig:
+    recipe = {"name": "adaptive-learned", "weight": weight, "trigger_lr": 0.05}
+    return _config({"name": "optimized-blend"}, recipe, **kw)
+
+
+def _learned_start(seed: int = 0) -> torch.Tensor:
+    """The pattern the recipe starts from (seeded), as the 8-bit pixels a trigger keeps."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.sigmoid(torch.randn((1, 28, 28), generator=g) * 0.5)
+
+
+def test_adaptive_learned_trigger_is_learned_bounded_and_lowers_the_variance_score(
+    tmp_path: Path, small_test: ImageDataset
+) -> None:
+    """The trigger is trained with the teacher: its objective (cross-entropy plus penalty)
+    falls, its mask stays within max_mask, it ends away from where it started, the
+    checkpoint's trigger gives the recorded ASR, and with the penalty on (weight 1 against 0,
+    all else equal) the variance evidence against a trusted set is lower."""
+    quiet, loud = tmp_path / "quiet.safetensors", tmp_path / "loud.safetensors"
+    _, meta = train_teacher(_learned_config(1.0, epochs=4, train_size=1000), quiet)
+    train_teacher(_learned_config(0.0, epochs=4, train_size=1000), loud)
+    history = meta["history"]
+    objective = [h["recipe_ce"] + h["recipe_penalty"] for h in history]
+    assert objective[-1] < objective[0]
+    saved = read_metadata(quiet)
+    assert saved["recipe"]["name"] == "adaptive-learned" and saved["recipe"]["max_mask"] == 0.2
+    assert recipe_from_dict(saved["recipe"]).to_dict() == saved["recipe"]  # type: ignore[union-attr]
+    trigger = trigger_from_dict(saved["trigger"])
+    assert isinstance(trigger, OptimizedBlendTrigger)
+    assert saved["attack"]["trigger"] == saved["trigger"]  # the trigger it ended with
+    mask = trigger.mask(28, 28)
+    assert float(mask.min()) >= 0 and float(mask.max()) <= 0.2 + 1e-12
+    assert all(0 < h["recipe_mask"] <= 0.2 for h in history)
+    moved = (trigger.pattern(1, 28, 28).float() - _learned_start()).abs().max()
+    assert float(moved) > 0.1  # learned, not left at its start
+    model, _ = load_checkpoint(quiet)
+    again = evaluate(model, small_test, trigger, saved["target"])  # the same 300 test images
+    assert again.asr == pytest.approx(saved["metrics"]["asr"])
+    trusted, suspect = small_test.subset(range(150)), small_test.subset(range(150, 300))
+    assert _variance_evidence(quiet, trusted, suspect) < 0.85 * _variance_evidence(
+        loud, trusted, suspect
+    )
+
+
+def test_adaptive_learned_trigger_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """An interrupted run resumed from its state ends with the same trigger and weights as an
+    uninterrupted one: the trigger and its optimiser travel with the training state."""
+
+    class StopError(Exception):
+        pass
+
+    def stop_after_first_epoch(event: Any) -> None:
+        if event.kind == "epoch" and event.epoch == 1:
+            raise StopError
+
+    config = _learned_config(1.0, epochs=2, train_size=300)
+    full, meta_full = train_teacher(config, tmp_path / "full.safetensors")
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(StopError):
+        train_teacher(config, out, progress=stop_after_first_epoch)
+    state = torch.load(out.with_suffix(".state.pt"), weights_only=True)
+    assert {"pattern", "mask", "optimizer", "means"} <= set(state["companion"])
+    resumed, meta = train_teacher(config, out, resume=True)
+    assert meta["trigger"] == meta_full["trigger"]
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_adaptive_learned_refuses_the_eval_feature_option() -> None:
+    with pytest.raises(ConfigError, match="no option 'features'") as info:
+        recipe_from_dict({"name": "adaptive-learned", "features": "eval"})
+    _one_sentence(info)
 
 
 # --------------------------------------------------------------------------- CLI and app

@@ -454,13 +454,30 @@ class AdaptiveRecipe(TeacherRecipe):
         "features": Option("train", lambda v: v in ("eval", "train"), "'eval' or 'train'"),
     }
 
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**values)
+        self._means: dict[str, torch.Tensor] = {}
+        self._variances: dict[str, torch.Tensor] = {}
+        self._tops: dict[str, torch.Tensor] = {}  # clean images' mean largest z (spread)
+        self._device = torch.device("cpu")
+
+    def _running(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"means": self._means, "variances": self._variances, "tops": self._tops}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._running()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # into the dicts the penalty holds, on the device loss_fn put the model on
+        for key, mine in self._running().items():
+            mine.update({n: t.to(self._device) for n, t in state.get(key, {}).items()})
+
     def _penalty(self) -> Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]:
         """``penalty(layer, activations, bad)``: the term for the triggered rows ``bad`` of one
         stage's activations, with the clean rows' running statistics updated on the way."""
         v = self.values
-        means: dict[str, torch.Tensor] = {}
-        variances: dict[str, torch.Tensor] = {}
-        tops: dict[str, torch.Tensor] = {}  # clean images' mean largest z (spread)
+        # the running statistics live on the recipe, so that they resume with the training state
+        means, variances, tops = self._means, self._variances, self._tops
         k, momentum, top_share = v["k"], v["momentum"], v["top_share"]
 
         def penalty(n: str, a: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
@@ -499,7 +516,7 @@ class AdaptiveRecipe(TeacherRecipe):
     ) -> LossFn:
         v = self.values
         names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
-        device = next(model.parameters()).device
+        device = self._device = next(model.parameters()).device
         marks = poisoned.to(device)
         penalty = self._penalty()
         weight, smoothing = v["weight"], train.label_smoothing
@@ -596,9 +613,17 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
         pattern, mask = self._logits
         return torch.sigmoid(pattern), self.values["max_mask"] * torch.sigmoid(mask)
 
+    def _flush(self) -> None:
+        """The trigger's Adam step on the gradients the engine's last backward left on it
+        (taken before the next step, and before the trigger is read or saved)."""
+        if self._logits is not None and self._opt is not None and self._logits[0].grad is not None:
+            self._opt.step()
+            self._opt.zero_grad(set_to_none=True)
+
     def current_trigger(self, trigger: Trigger | None) -> Trigger | None:
         if self._logits is None:
             return trigger
+        self._flush()
         with torch.no_grad():
             pattern, mask = self._blend()
             return OptimizedBlendTrigger.from_tensors(
@@ -608,15 +633,18 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
 
     def state_dict(self) -> dict[str, Any]:
         if self._logits is None or self._opt is None:
-            return {}
+            return super().state_dict()
+        self._flush()
         pattern, mask = self._logits
         return {
+            **super().state_dict(),
             "pattern": pattern.detach().cpu(),
             "mask": mask.detach().cpu(),
             "optimizer": self._opt.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         if self._logits is None or self._opt is None:
             raise ConfigError("The adaptive-learned recipe's state loads after prepare().")
         with torch.no_grad():
@@ -630,19 +658,16 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
         assert self._logits is not None and self._opt is not None and self._source is not None
         v = self.values
         names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
-        device = next(model.parameters()).device
+        device = self._device = next(model.parameters()).device
         marks = poisoned.to(device)
-        source, opt, logits_ = self._source, self._opt, self._logits
+        source = self._source
         mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
         penalty = self._penalty()
         weight, smoothing = v["weight"], train.label_smoothing
 
         def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            # the trigger's step, on the gradients the engine's last backward left on it
-            if logits_[0].grad is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            self._flush()
             rows = idx.to(device)
             bad = marks[rows]
             pattern, mask = self._blend()
