@@ -8,13 +8,14 @@ defence: one table of ACC / ASR per attack, scenario and method.
 Each attack is a teacher preset with a recipe (``robustkd list recipes``): ``optimized``
 (fashion-optimized, the learned blend trigger), ``adba`` (fashion-adba, the shadow-student
 backdoor), ``adaptive`` and ``adaptive-spread`` (fashion-adaptive[-spread], the penalties
-against the variance defence). Each teacher is trained once (``OUT/teachers``); then one
-``robustkd compare`` run folder per attack, scenario (``clean``: the distillation images as
-they are; ``untrusted``: 10 % of them carry the trigger, true labels) and seed, reused when
-finished, so an interrupted call continues where it stopped. The Markdown table goes to
-``OUT/survive.md`` and is printed. ``--quick`` shrinks everything (2,000 teacher images,
-2 epochs; 1,000 distillation images, 1 epoch): its numbers check the pipeline, they are not
-the real table.
+against the variance defence) and ``adaptive-learned`` (fashion-adaptive-learned, the penalty
+with a trigger learned along with the teacher). Each teacher is trained once
+(``OUT/teachers``); then one ``robustkd compare`` run folder per attack, scenario (``clean``:
+the distillation images as they are; ``untrusted``: 10 % of them carry the trigger, true
+labels) and seed, reused when finished, so an interrupted call continues where it stopped.
+The Markdown table goes to ``OUT/survive.md`` and is printed. ``--quick`` shrinks everything
+(2,000 teacher images, 2 epochs; 1,000 distillation images, 1 epoch): its numbers check the
+pipeline, they are not the real table.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ ATTACKS: dict[str, tuple[str, str]] = {
     "adba": ("fashion-adba", "ADBA-style shadow-student backdoor"),
     "adaptive": ("fashion-adaptive", "adaptive: blend + per-unit excess penalty"),
     "adaptive-spread": ("fashion-adaptive-spread", "adaptive: blend + spread penalty"),
+    "adaptive-learned": (
+        "fashion-adaptive-learned",
+        "adaptive: learned trigger + per-unit excess penalty",
+    ),
 }
 
 # --quick: (train-teacher arguments, compare arguments)

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         help="how the teacher is made beyond plain poisoning (see 'robustkd list recipes'): "
-        "optimized-blend, adba or adaptive; 'none' for plain poisoning",
+        "optimized-blend, adba, adaptive or adaptive-learned; 'none' for plain poisoning",
     )
     p.add_argument(
         "--recipe-param",
