@@ -420,10 +420,18 @@ def test_cli_trains_a_recipe_teacher_and_refuses_bad_options(
     assert code == 0 and "recipe         optimized-blend (warmup_epochs=0, " in out
 
 
+@pytest.fixture(scope="module")
+def adaptive_learned_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("survive") / "adaptive-learned.safetensors"
+    train_teacher(_learned_config(1.0, epochs=1, train_size=300), out)
+    return out
+
+
+@pytest.mark.parametrize("which", ["optimized_teacher", "adaptive_learned_teacher"])
 def test_triggers_page_shows_the_learned_trigger(
-    optimized_teacher: Path, monkeypatch: pytest.MonkeyPatch
+    which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ROBUSTKD_TEACHER", str(optimized_teacher))
+    monkeypatch.setenv("ROBUSTKD_TEACHER", str(request.getfixturevalue(which)))
     at = AppTest.from_file(str(ROOT / "pages" / "triggers.py"), default_timeout=120).run()
     assert not at.exception and not at.error
     assert at.selectbox(key="trig_name").value == "optimized-blend"
