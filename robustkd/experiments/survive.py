@@ -624,12 +624,12 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
         if self._logits is None:
             return trigger
         self._flush()
+        bound = self.values["max_mask"]
         with torch.no_grad():
             pattern, mask = self._blend()
             return OptimizedBlendTrigger.from_tensors(
-                pattern.cpu(), mask.clamp(0.0, self.values["max_mask"]).cpu(),
-                self.values["max_mask"],
-            )  # fmt: skip
+                pattern.cpu(), mask.clamp(0.0, bound).cpu(), bound
+            )
 
     def state_dict(self) -> dict[str, Any]:
         if self._logits is None or self._opt is None:
