@@ -160,6 +160,13 @@ with st.form("launch"):
         "0.1, the others 0).",
     )
     seed = c4.number_input("Seed", 0, 1_000_000, 0)
+    label_screen = st.checkbox(
+        "RobustKD also screens samples whose label the teacher disputes",
+        value=True,
+        help="Labelled distillation data only. Catches a backdoor whose features stay inside "
+        "the clean range (an adaptive attack) by the teacher's answer instead; costs the "
+        "teacher's signal on about 1 % of clean images.",
+    )
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
     gpus = distributed.gpu_count()
     c1, c2, c3 = st.columns(3)
@@ -189,7 +196,7 @@ if launched:
             "rate": rate if scenario == "untrusted" else None,
             "distill_size": int(distill_size), "trusted_size": int(trusted_size),
             "threshold": threshold or None, "tau": tau, "noise_rate": noise,
-            "seed": int(seed), "device": device,
+            "seed": int(seed), "device": device, "no_label_screen": not label_screen,
             "nproc": int(nproc) if int(nproc) > 1 and device != "cpu" else None,
             "compile": None if compile_mode == "off" else compile_mode,
             **teacher_flags(teacher_options()),

@@ -22,6 +22,7 @@ from robustkd.defenses.detox import (
     ThresholdDetox,
     ThresholdFit,
     auto_threshold,
+    fit_label_screen,
     fit_learned,
     fit_screen,
     fit_threshold,
@@ -325,6 +326,27 @@ def test_fit_screen_without_flagged_units(
     assert math.isfinite(every.threshold)
     with pytest.raises(ConfigError, match="'flagged' units or 'all'"):
         fit_screen(teacher, fit, units="some")
+
+
+def test_label_screen_scores_calibration_and_mistakes(
+    teacher: nn.Module, fit: ThresholdFit, poisoning: Poisoning
+) -> None:
+    """The teacher's cross-entropy on each sample's own label, calibrated on trusted half B;
+    unlabelled samples score 0; labels the teacher cannot predict get one sentence."""
+    screen = fit_label_screen(teacher, fit.calibration, quantile=0.9)
+    clean = screen.scores(teacher, fit.calibration)
+    assert math.isfinite(screen.threshold) and bool((clean >= 0).all())
+    assert float((clean > screen.threshold).double().mean()) <= 0.1 + 1e-9  # its quantile
+    data = poisoning.dataset
+    unlabelled = data.replace(labels=torch.full_like(data.labels, -1))
+    assert not screen.scores(teacher, unlabelled).any()
+    assert not screen.flags(teacher, unlabelled).any()
+    with pytest.raises(ConfigError, match="teacher predicts 10 classes") as info:
+        screen.scores(teacher, data.replace(labels=torch.full_like(data.labels, 12)))
+    assert "\n" not in str(info.value)
+    for q in (0.3, 1.0):
+        with pytest.raises(ConfigError):
+            fit_label_screen(teacher, fit.calibration, quantile=q)
 
 
 # --------------------------------------------------------------------------- preview

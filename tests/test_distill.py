@@ -12,7 +12,7 @@ from robustkd.defenses import METHODS, run_method
 from robustkd.errors import ConfigError, UnknownNameError
 from robustkd.experiments.compare import compare
 from robustkd.models import create_model
-from robustkd.models.checkpoints import load_checkpoint, save_checkpoint
+from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint, save_checkpoint
 from robustkd.runs.store import Run
 from robustkd.training.distill import DistillConfig
 from robustkd.training.scenarios import build_scenario, probe_scenario
@@ -119,6 +119,30 @@ def test_screening_policy_drop_and_no_screen(teacher, scenario) -> None:
     assert dropped.metrics["flagged_samples"] > 0
     unscreened = run_method("robustkd", model, meta, scenario, _config(screen=False))
     assert "flagged_samples" not in unscreened.metrics
+
+
+def test_label_screen_catches_what_the_variance_screen_does_not_see() -> None:
+    """With a threshold no unit reaches (a trigger the variance cannot see), the variance screen
+    withholds nothing; the label screen still withholds the triggered samples whose label the
+    shipped teacher turns to the target, and few of the clean ones (its quantile)."""
+    model, meta = load_checkpoint(DEFAULT_TEACHER)
+    scenario = build_scenario("untrusted", meta, rate=0.2, **TINY)
+    blind = _config(threshold=1e5)
+    unlabelled_screen = _config(threshold=1e5, screen_labels=False)
+    alone = run_method("robustkd", model, meta, scenario, unlabelled_screen)
+    assert alone.metrics["flagged_samples"] == 0 and "label_screen" not in alone.metrics
+    both = run_method("robustkd", model, meta, scenario, blind)
+    info = both.metrics["label_screen"]
+    assert info["disputed"] == info["only_by_labels"] == both.metrics["flagged_samples"]
+    truth = scenario.poisoned_mask
+    flipped = truth & (scenario.distill.labels != meta["target"])
+    withheld = both.withheld
+    assert withheld is not None
+    assert float(withheld[flipped].float().mean()) >= 0.9
+    assert float(withheld[~truth].float().mean()) <= 0.05
+    # with the variance screen on as well, the union is withheld
+    default = run_method("robustkd", model, meta, scenario, _config())
+    assert default.metrics["flagged_samples"] >= default.metrics["label_screen"]["disputed"]
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,8 @@ def _distill(args: argparse.Namespace) -> int:
             values[key] = getattr(args, key)
     if args.no_screen:
         values["screen"] = False
+    if args.no_label_screen:
+        values["screen_labels"] = False
     config = DistillConfig.from_dict(values).validate()
     if args.verb == "distill":
         methods = [args.method]

@@ -336,6 +336,11 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--granularity", choices=["unit", "channel"])
     p.add_argument("--no-screen", action="store_true", help="do not screen samples")
     p.add_argument(
+        "--no-label-screen",
+        action="store_true",
+        help="robustkd: screen on the variance alone, not also on labels the teacher disputes",
+    )
+    p.add_argument(
         "--screen-policy",
         choices=["ce-only", "drop"],
         help="what screened samples get: cross-entropy only (default) or nothing",

@@ -43,6 +43,7 @@ from robustkd.analysis.features import (
     variance_score,
 )
 from robustkd.analysis.incremental import IncrementalTail, TailPlan
+from robustkd.analysis.metrics import predict
 from robustkd.attacks import Trigger
 from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import CheckpointError, ConfigError
@@ -327,6 +328,48 @@ def fit_screen(
     if screen.active:
         clean = screen.scores(teacher, fit.calibration)
         screen.threshold = float(torch.quantile(clean.double(), quantile))
+    return screen
+
+
+@dataclasses.dataclass
+class LabelScreen:
+    """Samples whose own label the teacher disputes: its cross-entropy on a sample's label above
+    the ``quantile`` of the same on trusted clean images. It needs labelled distillation data,
+    and sees a backdoor however quiet its features are (an adaptive trigger that keeps every
+    unit inside the clean range still turns the teacher's answer to the target class)."""
+
+    threshold: float
+    quantile: float
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module, data: ImageDataset, batch_size: int = 500) -> torch.Tensor:
+        """The teacher's cross-entropy on each sample's own label (0 for unlabelled ones)."""
+        labels = data.labels.cpu().long()
+        known = labels >= 0
+        probs = predict(
+            model, data.images, data.mean, data.std, batch_size=batch_size, return_probs=True
+        )
+        if known.any() and int(labels[known].max()) >= probs.shape[1]:
+            raise ConfigError(
+                f"The distillation set has labels up to {int(labels[known].max())}, but the "
+                f"teacher predicts {probs.shape[1]} classes; give data with the teacher's classes."
+            )
+        picked = probs.gather(1, labels.clamp_min(0)[:, None])[:, 0].double()
+        return torch.where(known, -torch.log(picked.clamp_min(1e-12)), torch.zeros_like(picked))
+
+    def flags(self, model: nn.Module, data: ImageDataset) -> torch.Tensor:
+        return self.scores(model, data) > self.threshold
+
+
+def fit_label_screen(
+    teacher: nn.Module, calibration: ImageDataset, quantile: float = 0.99
+) -> LabelScreen:
+    """A label screen calibrated on trusted clean images (``fit.calibration``, half B)."""
+    if not 0.5 <= quantile < 1:
+        raise ConfigError(f"The screening quantile must lie in [0.5, 1); got {quantile}.")
+    screen = LabelScreen(float("inf"), quantile)
+    clean = screen.scores(teacher, calibration)
+    screen.threshold = float(torch.quantile(clean, quantile))
     return screen
 
 

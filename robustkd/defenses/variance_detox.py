@@ -2,7 +2,9 @@
 
 Units whose variance on the distillation data exceeds the clean-halves threshold are replaced
 by their trusted clean mean at every stage, and samples deviating on those units get
-cross-entropy only (or are dropped, ``screen_policy``).
+cross-entropy only (or are dropped, ``screen_policy``); so do labelled samples whose own label
+the teacher disputes more than it does on trusted clean images (``screen_labels``), which an
+adaptive trigger that keeps every unit inside the clean range cannot hide from.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.defenses.base import Context, Recipe, StudentMethod, register_method
-from robustkd.defenses.detox import fit_screen, fit_threshold
+from robustkd.defenses.detox import fit_label_screen, fit_screen, fit_threshold
 from robustkd.training.distill import screen_report
 
 
@@ -29,6 +31,7 @@ class VarianceDetox(StudentMethod):
         "screen",
         "screen_policy",
         "screen_quantile",
+        "screen_labels",
         "logit_weight",
         "temperature",
         "feature_weight",
@@ -56,6 +59,15 @@ class VarianceDetox(StudentMethod):
             screen = fit_screen(teacher, fit, config.threshold, config.screen_quantile)
             screen_scores = screen.scores(teacher, scenario.distill)
             withheld = screen_scores > screen.threshold
+            if config.screen_labels and scenario.distill.labelled:
+                labels = fit_label_screen(teacher, fit.calibration, config.screen_quantile)
+                disputed = labels.flags(teacher, scenario.distill)
+                extra["label_screen"] = {
+                    "threshold": labels.threshold,
+                    "disputed": int(disputed.sum()),
+                    "only_by_labels": int((disputed & ~withheld).sum()),
+                }
+                withheld = withheld | disputed
             extra.update(screen_report(withheld, scenario.poisoned_mask, screen.threshold))
         extra["flagged_units"] = fit.flagged_units(config.threshold)
         extra["thresholds"] = fit.thresholds(config.threshold)

@@ -188,12 +188,16 @@ def write_screen(
     withheld: torch.Tensor,
 ) -> Path:
     """``METHOD-screen.csv``: every distillation sample's id, score and whether it was
-    withheld, most suspicious first; ``METHOD-screen-top.npz``: the top images themselves."""
+    withheld, the withheld ones first, then the most suspicious; ``METHOD-screen-top.npz``: the
+    top images themselves."""
     data = scenario.distill
     scores, withheld = scores.cpu().double(), withheld.cpu().bool()
     ids = list(data.ids) if data.ids is not None else [f"{data.name}:{i}" for i in range(len(data))]
     truth = scenario.poisoned_mask
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    # withheld first (by the variance score or, when the label screen caught it, with its
+    # score), then the highest scores
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort((~withheld[order]).int(), stable=True)].tolist()
     buf = io.StringIO()
     writer = csv.writer(buf)
     header = ["rank", "index", "id", "score", "withheld"]
