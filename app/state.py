@@ -81,6 +81,7 @@ EXAMPLES = Path(DEFAULT_TEACHER).parent / "examples"
 EXAMPLE_NAMES = {  # file stem → what the sidebar calls it
     "optimized-blend": "Optimised blend: a learned trigger (mask ≤ 0.2)",
     "adaptive": "Adaptive blend: trained to hide from the variance defence",
+    "adaptive-learned": "Adaptive, learned trigger: hides at every stage",
 }
 
 

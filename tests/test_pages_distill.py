@@ -61,6 +61,22 @@ def test_launch_watch_and_finish(page: AppTest, tmp_path: Path) -> None:
     report = json.loads((list_runs(tmp_path / "runs")[0].path / "report.json").read_text())
     text = " ".join(m.value for m in page.markdown)
     assert "| robustkd |" in text and f"{100 * report['methods']['robustkd']['acc']:.2f}" in text
+    assert "label_screen" in report["methods"]["robustkd"]  # on by default: labelled data
+
+
+def test_the_label_screen_can_be_turned_off(page: AppTest, tmp_path: Path) -> None:
+    box = next(c for c in page.checkbox if "label the teacher disputes" in c.label)
+    assert box.value is True
+    _fill(page)
+    box.uncheck()
+    next(m for m in page.multiselect if m.label == "Methods").set_value(["robustkd"])
+    next(b for b in page.button if b.label == "Launch").click().run()
+    assert not page.exception
+    run = list_runs(tmp_path / "runs")[0]
+    assert "--no-label-screen" in run.config["argv"]
+    assert _wait(tmp_path / "runs", ("done", "failed"))["state"] == "done"
+    report = json.loads((run.path / "report.json").read_text())
+    assert "label_screen" not in report["methods"]["robustkd"]
 
 
 def test_cancel_a_running_run(page: AppTest, tmp_path: Path) -> None:
