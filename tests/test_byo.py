@@ -149,8 +149,12 @@ def test_import_evaluate_and_defend_with_the_cli_alone(foreign, tmp_path: Path, 
     assert len(withheld & secret) >= 0.9 * len(secret)
     top = [r["id"] for r in rows[:100]]
     assert sum(i in secret for i in top) >= 90
-    scores = [float(r["score"]) for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    # the withheld ones first (the label screen's too), each part by falling score
+    flags = [r["withheld"] for r in rows]
+    assert flags == sorted(flags, reverse=True)
+    for part in ("1", "0"):
+        scores = [float(r["score"]) for r in rows if r["withheld"] == part]
+        assert scores == sorted(scores, reverse=True)
     grid = np.load(run / "robustkd-screen-top.npz")
     assert grid["images"].shape[1:] == (1, 28, 28) and list(grid["ids"][:3]) == top[:3]
     assert "robustkd-screen.csv" in (run / "report.md").read_text()
