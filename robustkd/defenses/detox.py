@@ -351,8 +351,8 @@ class LabelScreen:
         )
         if known.any() and int(labels[known].max()) >= probs.shape[1]:
             raise ConfigError(
-                f"The distillation set has labels up to {int(labels[known].max())}, but the "
-                f"teacher predicts {probs.shape[1]} classes; give data with the teacher's classes."
+                f"These images have labels up to {int(labels[known].max())}, but the teacher "
+                f"predicts {probs.shape[1]} classes; give data labelled with the teacher's classes."
             )
         picked = probs.gather(1, labels.clamp_min(0)[:, None])[:, 0].double()
         return torch.where(known, -torch.log(picked.clamp_min(1e-12)), torch.zeros_like(picked))

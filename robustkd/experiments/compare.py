@@ -264,7 +264,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
     screens = [(n, r["screen_csv"]) for n, r in report["methods"].items() if r.get("screen_csv")]
     for name, path in screens:
-        lines += ["", f"`{name}` screened samples, most suspicious first: `{Path(path).name}`."]
+        lines += ["", f"`{name}` screened samples, withheld first: `{Path(path).name}`."]
+        labels = report["methods"][name].get("label_screen")
+        if labels:
+            lines[-1] += (
+                f" The label screen withheld {labels['disputed']} whose label the teacher "
+                f"disputes, {labels['only_by_labels']} of them missed by the variance screen."
+            )
     if report.get("command"):
         lines += ["", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
