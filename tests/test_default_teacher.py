@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench import variance_evidence
 from robustkd.analysis.metrics import evaluate
 from robustkd.attacks import trigger_from_dict
 from robustkd.data.datasets import load_dataset
@@ -61,3 +62,23 @@ def test_example_teachers_are_what_they_say(path) -> None:
     result = evaluate(model, test, trigger_from_dict(meta["trigger"]), meta["target"])
     assert abs(result.acc - meta["metrics"]["acc"]) <= 0.015
     assert abs(result.asr - meta["metrics"]["asr"]) <= 0.015
+
+
+def _evidence(path) -> dict[str, list[str]]:
+    """bench.variance_evidence's rows for a teacher, by stage (400 trusted / 400 suspect)."""
+    rows = variance_evidence.evidence(path, 400, 0.1)
+    return {row.split(" | ")[1]: row.split(" | ")[2:] for row in rows}
+
+
+def test_the_learned_adaptive_example_hides_from_the_variance_at_every_stage() -> None:
+    """What the lecturer shows with it: against the default teacher's trigger every stage
+    lights up and the screen catches every triggered image; the learned adaptive trigger
+    leaves no stage's strongest unit above a fifth of the default's and slips past the
+    screen."""
+    loud = _evidence(DEFAULT_TEACHER)
+    quiet = _evidence(DEFAULT_TEACHER.parent / "examples" / "adaptive-learned.safetensors")
+    for stage in ("block1", "block2", "block3"):
+        assert float(quiet[stage][1]) < 0.2 * float(loud[stage][1])  # highest unit score
+    assert loud["screen"][0].startswith("40 of 40")
+    caught = quiet["screen"][0]
+    assert caught.startswith("inactive") or int(caught.split(" of ")[0]) <= 10
