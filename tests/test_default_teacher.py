@@ -7,9 +7,12 @@ import pytest
 from bench import variance_evidence
 from robustkd.analysis.metrics import evaluate
 from robustkd.attacks import trigger_from_dict
+from robustkd.attacks.poison import poison_dataset
 from robustkd.data.datasets import load_dataset
+from robustkd.defenses.detox import screen_within_classes
 from robustkd.models import model_names
 from robustkd.models.checkpoints import DEFAULT_TEACHER, load_checkpoint, read_metadata
+from robustkd.training.scenarios import probe_scenario
 
 EXAMPLES = sorted((DEFAULT_TEACHER.parent / "examples").glob("*.safetensors"))
 # file → the recipe it shows (make examples)
@@ -82,3 +85,19 @@ def test_the_learned_adaptive_example_hides_from_the_variance_at_every_stage() -
     assert loud["screen"][0].startswith("40 of 40")
     caught = quiet["screen"][0]
     assert caught.startswith("inactive") or int(caught.split(" of ")[0]) <= 10
+
+
+def test_the_variance_screen_within_each_class_catches_the_learned_adaptive_trigger() -> None:
+    """RobustKD's answer to it: held inside the clean range of all images together, the
+    trigger stands out within its images' own class (1,000 trusted and 1,000 suspect images,
+    10 % of them triggered: the screen over all images catches 1 of 100)."""
+    path = DEFAULT_TEACHER.parent / "examples" / "adaptive-learned.safetensors"
+    model, meta = load_checkpoint(path)
+    probe = probe_scenario(load_dataset("fashion-mnist", "val"), 1000)
+    planted = poison_dataset(
+        probe.suspect, trigger_from_dict(meta["trigger"]), 0.1, 0, keep_labels=True, seed=0
+    )
+    withheld, info = screen_within_classes(model, probe.trusted, planted.dataset)
+    triggered = planted.poisoned_mask
+    assert int((withheld & triggered).sum()) >= 60 and int(withheld.sum()) <= 150
+    assert info["skipped"] == [] and set(info["classes"]) == set(meta["classes"])

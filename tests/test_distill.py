@@ -186,8 +186,9 @@ def test_compare_writes_a_complete_report(teacher, scenario, tmp_path: Path) -> 
     assert saved["methods"]["feature-kd"]["der"] == pytest.approx(0.5)  # against itself
     md = (run.path / "report.md").read_text()
     assert "| robustkd |" in md and "| teacher |" in md
-    disputed = saved["methods"]["robustkd"]["label_screen"]["disputed"]
-    assert f"The label screen withheld {disputed} whose label the teacher disputes" in md
+    labels = saved["methods"]["robustkd"]["label_screen"]
+    assert f"{labels['disputed']} were withheld because the teacher disputes their label" in md
+    assert f"{labels['within_classes']} because they deviate within their class" in md
     assert (run.path / "report.csv").read_text().count("\n") == 5  # header + teacher + 3
     for fig in ("acc_asr", "curves_asr", "curves_acc", "per_class"):
         html = (run.path / "figures" / f"{fig}.html").read_text()

@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -371,6 +372,50 @@ def fit_label_screen(
     clean = screen.scores(teacher, calibration)
     screen.threshold = float(torch.quantile(clean, quantile))
     return screen
+
+
+def screen_within_classes(
+    teacher: nn.Module,
+    trusted: ImageDataset,
+    suspect: ImageDataset,
+    layers: str | Sequence[str] | None = None,
+    granularity: str = "unit",
+    seed: int = 0,
+    threshold: float | None = None,
+    quantile: float = 0.99,
+    min_trusted: int = 20,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The variance fit and sample screen run within each labelled class: the suspect images
+    of class ``c`` against the trusted images of class ``c``. A trigger held inside the clean
+    range of all images together can stand far outside one class's much narrower range.
+
+    Returns which suspect images are withheld, and per class (by name) the flagged units and
+    the images withheld; classes with fewer than ``min_trusted`` trusted images are skipped
+    (and named). Unlabelled suspect images are never withheld here."""
+    withheld = torch.zeros(len(suspect), dtype=torch.bool)
+    per_class: dict[str, dict[str, int]] = {}
+    skipped: list[str] = []
+    labels, known = suspect.labels.cpu(), trusted.labels.cpu()
+    names = list(suspect.classes) if suspect.classes else []
+    for c in sorted(int(v) for v in labels.unique() if v >= 0):
+        name = names[c] if c < len(names) else str(c)
+        rows = torch.nonzero(labels == c).flatten()
+        ref = torch.nonzero(known == c).flatten()
+        if len(ref) < min_trusted:
+            skipped.append(name)
+            continue
+        part = suspect.subset(rows)
+        fit = fit_threshold(teacher, trusted.subset(ref), part, layers, granularity, seed)
+        screen = fit_screen(teacher, fit, threshold, quantile)
+        caught = torch.zeros(len(rows), dtype=torch.bool)
+        if screen.active:
+            caught = screen.scores(teacher, part) > screen.threshold
+        withheld[rows[caught]] = True
+        per_class[name] = {
+            "flagged_units": sum(fit.flagged_units(threshold).values()),
+            "withheld": int(caught.sum()),
+        }
+    return withheld, {"classes": per_class, "skipped": skipped}
 
 
 # --------------------------------------------------------------------------- learned mode

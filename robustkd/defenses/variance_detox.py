@@ -2,9 +2,10 @@
 
 Units whose variance on the distillation data exceeds the clean-halves threshold are replaced
 by their trusted clean mean at every stage, and samples deviating on those units get
-cross-entropy only (or are dropped, ``screen_policy``); so do labelled samples whose own label
-the teacher disputes more than it does on trusted clean images (``screen_labels``), which an
-adaptive trigger that keeps every unit inside the clean range cannot hide from.
+cross-entropy only (or are dropped, ``screen_policy``). With labelled data (``screen_labels``)
+so do samples whose own label the teacher disputes more than it does on trusted clean images,
+and samples that the same variance screen, run within their labelled class, finds deviating:
+an adaptive trigger held inside the clean range of all images together hides from neither.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from robustkd.defenses.base import Context, Recipe, StudentMethod, register_method
-from robustkd.defenses.detox import fit_label_screen, fit_screen, fit_threshold
+from robustkd.defenses.detox import (
+    fit_label_screen,
+    fit_screen,
+    fit_threshold,
+    screen_within_classes,
+)
 from robustkd.training.distill import screen_report
 
 
@@ -62,12 +68,24 @@ class VarianceDetox(StudentMethod):
             if config.screen_labels and scenario.distill.labelled:
                 labels = fit_label_screen(teacher, fit.calibration, config.screen_quantile)
                 disputed = labels.flags(teacher, scenario.distill)
+                within, per_class = screen_within_classes(
+                    teacher,
+                    scenario.trusted,
+                    scenario.distill,
+                    config.layers,
+                    config.granularity,
+                    config.seed,
+                    config.threshold,
+                    config.screen_quantile,
+                )
                 extra["label_screen"] = {
                     "threshold": labels.threshold,
                     "disputed": int(disputed.sum()),
-                    "only_by_labels": int((disputed & ~withheld).sum()),
+                    "within_classes": int(within.sum()),
+                    "only_by_labels": int(((disputed | within) & ~withheld).sum()),
+                    **per_class,
                 }
-                withheld = withheld | disputed
+                withheld = withheld | disputed | within
             extra.update(screen_report(withheld, scenario.poisoned_mask, screen.threshold))
         extra["flagged_units"] = fit.flagged_units(config.threshold)
         extra["thresholds"] = fit.thresholds(config.threshold)

@@ -268,8 +268,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         labels = report["methods"][name].get("label_screen")
         if labels:
             lines[-1] += (
-                f" The label screen withheld {labels['disputed']} whose label the teacher "
-                f"disputes, {labels['only_by_labels']} of them missed by the variance screen."
+                f" With the labels, {labels['disputed']} were withheld because the teacher "
+                f"disputes their label and {labels.get('within_classes', 0)} because they "
+                f"deviate within their class; {labels['only_by_labels']} of these the variance "
+                "screen alone missed."
             )
     if report.get("command"):
         lines += ["", f"Command: `{report['command']}`"]
