@@ -161,11 +161,11 @@ with st.form("launch"):
     )
     seed = c4.number_input("Seed", 0, 1_000_000, 0)
     label_screen = st.checkbox(
-        "RobustKD also screens samples whose label the teacher disputes",
+        "RobustKD also screens with the labels",
         value=True,
-        help="Labelled distillation data only. Catches a backdoor whose features stay inside "
-        "the clean range (an adaptive attack) by the teacher's answer instead; costs the "
-        "teacher's signal on about 1 % of clean images.",
+        help="Labelled distillation data only: samples whose label the teacher disputes, and "
+        "samples that deviate within their own class, get cross-entropy only too. Catches an "
+        "adaptive trigger whose features stay inside the clean range of all images together.",
     )
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
     gpus = distributed.gpu_count()

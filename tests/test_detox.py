@@ -26,6 +26,7 @@ from robustkd.defenses.detox import (
     fit_learned,
     fit_screen,
     fit_threshold,
+    screen_within_classes,
     split_halves,
     stratified_order,
 )
@@ -347,6 +348,23 @@ def test_label_screen_scores_calibration_and_mistakes(
     for q in (0.3, 1.0):
         with pytest.raises(ConfigError):
             fit_label_screen(teacher, fit.calibration, quantile=q)
+
+
+def test_screen_within_classes_skips_thin_classes_and_unlabelled_images(
+    teacher: nn.Module, trusted: ImageDataset, poisoning: Poisoning
+) -> None:
+    data = poisoning.dataset
+    withheld, info = screen_within_classes(teacher, trusted, data, min_trusted=20)
+    assert withheld.dtype == torch.bool and len(withheld) == len(data)
+    assert set(info["classes"]) | set(info["skipped"]) == {
+        data.classes[c] for c in data.labels.unique().tolist()
+    }
+    assert sum(c["withheld"] for c in info["classes"].values()) == int(withheld.sum())
+    thin, info = screen_within_classes(teacher, trusted, data, min_trusted=10_000)
+    assert not thin.any() and info["classes"] == {} and len(info["skipped"]) == 10
+    unlabelled = data.replace(labels=torch.full_like(data.labels, -1))
+    none, info = screen_within_classes(teacher, trusted, unlabelled)
+    assert not none.any() and info == {"classes": {}, "skipped": []}
 
 
 # --------------------------------------------------------------------------- preview

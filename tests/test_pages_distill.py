@@ -65,7 +65,7 @@ def test_launch_watch_and_finish(page: AppTest, tmp_path: Path) -> None:
 
 
 def test_the_label_screen_can_be_turned_off(page: AppTest, tmp_path: Path) -> None:
-    box = next(c for c in page.checkbox if "label the teacher disputes" in c.label)
+    box = next(c for c in page.checkbox if "screens with the labels" in c.label)
     assert box.value is True
     _fill(page)
     box.uncheck()

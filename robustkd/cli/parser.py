@@ -338,7 +338,8 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument(
         "--no-label-screen",
         action="store_true",
-        help="robustkd: screen on the variance alone, not also on labels the teacher disputes",
+        help="robustkd: screen on the variance alone, not also on the labels (disputed "
+        "labels, variance within each class)",
     )
     p.add_argument(
         "--screen-policy",

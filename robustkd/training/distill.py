@@ -70,7 +70,8 @@ class DistillConfig:
     screen: bool = True
     screen_policy: str = "ce-only"
     screen_quantile: float = 0.99
-    # robustkd also withholds samples whose own label the teacher disputes (labelled data only)
+    # robustkd also withholds samples whose own label the teacher disputes, and samples that
+    # deviate within their labelled class (labelled data only)
     screen_labels: bool = True
     tau: float = 0.05
     learned_epochs: int = 5
