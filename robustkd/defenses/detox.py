@@ -306,6 +306,11 @@ class SampleScreen:
         return self.scores(model, data) > self.threshold
 
 
+def _check_quantile(quantile: float) -> None:
+    if not 0.5 <= quantile < 1:
+        raise ConfigError(f"The screening quantile must lie in [0.5, 1); got {quantile}.")
+
+
 def fit_screen(
     teacher: nn.Module,
     fit: ThresholdFit,
@@ -315,8 +320,7 @@ def fit_screen(
 ) -> SampleScreen:
     """A sample screen on the units flagged at ``threshold`` (``units="all"``: on every unit
     of every layer, for comparison), calibrated on trusted half B."""
-    if not 0.5 <= quantile < 1:
-        raise ConfigError(f"The screening quantile must lie in [0.5, 1); got {quantile}.")
+    _check_quantile(quantile)
     if units not in ("flagged", "all"):
         raise ConfigError(f"Screen the 'flagged' units or 'all' of them; got {units!r}.")
     masks = {
@@ -366,8 +370,7 @@ def fit_label_screen(
     teacher: nn.Module, calibration: ImageDataset, quantile: float = 0.99
 ) -> LabelScreen:
     """A label screen calibrated on trusted clean images (``fit.calibration``, half B)."""
-    if not 0.5 <= quantile < 1:
-        raise ConfigError(f"The screening quantile must lie in [0.5, 1); got {quantile}.")
+    _check_quantile(quantile)
     screen = LabelScreen(float("inf"), quantile)
     clean = screen.scores(teacher, calibration)
     screen.threshold = float(torch.quantile(clean, quantile))
