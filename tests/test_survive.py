@@ -383,6 +383,29 @@ def test_adaptive_learned_trigger_resumes_where_it_stopped(tmp_path: Path) -> No
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("companion", [{"pattern": "x"}, {"means": 3}, ["not", "a", "dict"]])
+def test_a_tampered_recipe_state_is_one_sentence(tmp_path: Path, companion: Any) -> None:
+    class StopError(Exception):
+        pass
+
+    def stop_after_first_epoch(event: Any) -> None:
+        if event.kind == "epoch" and event.epoch == 1:
+            raise StopError
+
+    config = _learned_config(1.0, epochs=2, train_size=200)
+    out = tmp_path / "t.safetensors"
+    with pytest.raises(StopError):
+        train_teacher(config, out, progress=stop_after_first_epoch)
+    state_path = out.with_suffix(".state.pt")
+    state = torch.load(state_path, weights_only=True)
+    state["companion"] = companion
+    torch.save(state, state_path)
+    with pytest.raises(CheckpointError, match="not readable") as info:
+        train_teacher(config, out, resume=True)
+    _one_sentence(info)
+    assert state_path.exists()  # nothing of the user's lost
+
+
 def test_adaptive_learned_refuses_the_eval_feature_option() -> None:
     with pytest.raises(ConfigError, match="no option 'features'") as info:
         recipe_from_dict({"name": "adaptive-learned", "features": "eval"})

@@ -332,5 +332,11 @@ def _load_state(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if companion is not None and state.get("companion"):
-        companion.load_state_dict(state["companion"])
+        try:
+            companion.load_state_dict(state["companion"])
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"Cannot resume from {path}: what it saved beside the model (a learned trigger "
+                "or running statistics) is not readable; delete it to start afresh."
+            ) from exc
     return int(state["epoch"]), list(state.get("history", []))
