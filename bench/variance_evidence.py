@@ -7,9 +7,10 @@ subset and a same-size suspect subset of which ``--rate`` carry the trigger (tru
 the Feature variance page's probe. Per stage: the units flagged at the clean-halves default
 threshold, the highest unit score, and the mean of the top 1 % of unit scores (what an
 adaptive attack tries to push down). Then the sample screen: RobustKD's (mean squared z over
-the flagged units), and one over every unit of every stage, each calibrated at the 99th
-percentile of trusted clean scores: how many triggered suspect images each withholds (recall)
-and how many images in all. Prints a Markdown table.
+the flagged units), one over every unit of every stage, each calibrated at the 99th
+percentile of trusted clean scores, and RobustKD's screen run within each labelled class
+(``screen_within_classes``): how many triggered suspect images each withholds (recall) and
+how many images in all. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from robustkd.attacks import trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
 from robustkd.data.datasets import load_dataset
-from robustkd.defenses.detox import fit_screen, fit_threshold
+from robustkd.defenses.detox import fit_screen, fit_threshold, screen_within_classes
 from robustkd.errors import RobustKDError
 from robustkd.models.checkpoints import load_checkpoint
 from robustkd.models.modelcard import attack_mode_of, normalized_for
@@ -63,7 +64,10 @@ def evidence(path: Path, size: int, rate: float) -> list[str]:
         withheld = screen.scores(model, suspect) > screen.threshold
         caught = int((withheld & triggered).sum())
         cells.append(f"{caught} of {int(triggered.sum())} ({int(withheld.sum())} withheld)")
-    rows.append(f"| {path.stem} | screen | {cells[0]} | {cells[1]} | |")
+    within, _ = screen_within_classes(model, probe.trusted, suspect)
+    caught = int((within & triggered).sum())
+    cells.append(f"{caught} of {int(triggered.sum())} ({int(within.sum())} withheld)")
+    rows.append(f"| {path.stem} | screen | {cells[0]} | {cells[1]} | {cells[2]} |")
     return rows
 
 
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(
         "\nscreen rows: triggered suspect images withheld by the flagged-unit screen | by a "
-        "screen over every unit (images withheld in all)."
+        "screen over every unit | by the flagged-unit screen within each class (images "
+        "withheld in all)."
     )
     return 0
 
