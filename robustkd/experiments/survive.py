@@ -31,7 +31,11 @@ options validated up front:
   largest deviations are pushed down to a clean image's, so the trigger spreads over many
   units, each below the threshold (``k`` is unused). The hinge is much stronger than the
   excess term: weight 0.1 is what the ``fashion-adaptive-spread`` preset uses (at 1 the tiny
-  teachers we tried lost most of their accuracy).
+  teachers we tried lost most of their accuracy). ``scope="class"`` keeps the statistics per
+  class and holds each triggered image inside the range of its own source class's clean images
+  (what the label-aware screen within each class compares against), not of all images.
+- ``adaptive-learned``: the same penalty (and ``scope``) with the trigger itself, a blend
+  pattern and a soft mask, learned along with the teacher at every step.
 
 Each recipe's per-epoch means of its loss terms join the teacher's training history, and the
 recipe's name and options are recorded in the checkpoint metadata (``recipe``).
@@ -452,17 +456,42 @@ class AdaptiveRecipe(TeacherRecipe):
         # less, and at full size it wrecked training (val ACC 10 % after 2 epochs, see
         # docs/results.md): the running statistics lag the weights the penalty moves
         "features": Option("train", lambda v: v in ("eval", "train"), "'eval' or 'train'"),
+        # "all": one clean range over every image (what the variance screen over all samples
+        # sees); "class": each triggered image held inside the range of its own (source)
+        # class's clean images, what the label-aware screen within each class sees
+        "scope": Option("all", lambda v: v in ("all", "class"), "'all' or 'class'"),
     }
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**values)
+        # per unit (scope "all") or per class × unit (scope "class")
         self._means: dict[str, torch.Tensor] = {}
         self._variances: dict[str, torch.Tensor] = {}
+        self._seen: dict[str, torch.Tensor] = {}  # scope "class": the classes seen so far
         self._tops: dict[str, torch.Tensor] = {}  # clean images' mean largest z (spread)
         self._device = torch.device("cpu")
+        self._classes: torch.Tensor | None = None  # each training image's own (source) class
+        self._num_classes = 0
 
     def _running(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"means": self._means, "variances": self._variances, "tops": self._tops}
+        return {
+            "means": self._means,
+            "variances": self._variances,
+            "seen": self._seen,
+            "tops": self._tops,
+        }
+
+    def prepare(
+        self,
+        model: nn.Module,
+        clean: ImageDataset,
+        trigger: Trigger | None,
+        train: TrainConfig,
+        progress: ProgressFn | None = None,
+    ) -> Trigger | None:
+        # the labels before poisoning relabels the triggered images (indexed as the poisoned set)
+        self._classes, self._num_classes = clean.labels.clone(), clean.num_classes
+        return trigger
 
     def state_dict(self) -> dict[str, Any]:
         return self._running()
@@ -472,29 +501,70 @@ class AdaptiveRecipe(TeacherRecipe):
         for key, mine in self._running().items():
             mine.update({n: t.to(self._device) for n, t in state.get(key, {}).items()})
 
-    def _penalty(self) -> Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``penalty(layer, activations, bad)``: the term for the triggered rows ``bad`` of one
-        stage's activations, with the clean rows' running statistics updated on the way."""
+    def _penalty(self) -> Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``penalty(layer, activations, bad, classes)``: the term for the triggered rows
+        ``bad`` of one stage's activations, with the clean rows' running statistics updated on
+        the way; ``classes`` (each row's source class) matters for scope "class" only."""
         v = self.values
         # the running statistics live on the recipe, so that they resume with the training state
         means, variances, tops = self._means, self._variances, self._tops
         k, momentum, top_share = v["k"], v["momentum"], v["top_share"]
+        by_class = v["scope"] == "class"
 
-        def penalty(n: str, a: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
-            a = a.float().flatten(1)
-            clean = a[~bad].detach()
-            if len(clean) > 1:  # running clean statistics, never through the gradient
+        def update(n: str, clean: torch.Tensor, cls: torch.Tensor) -> None:
+            """Running clean statistics, never through the gradient: per unit, or per class ×
+            unit from each class with at least two clean rows in the batch."""
+            if not by_class:
+                if len(clean) < 2:
+                    return
                 mu, var = clean.mean(0), clean.var(0)
                 if n in means:
                     means[n] = momentum * means[n] + (1 - momentum) * mu
                     variances[n] = momentum * variances[n] + (1 - momentum) * var
                 else:
                     means[n], variances[n] = mu, var
+                return
+            if n not in means:
+                shape = (self._num_classes, clean.shape[1])
+                means[n], variances[n] = clean.new_zeros(shape), clean.new_zeros(shape)
+                self._seen[n] = torch.zeros(
+                    self._num_classes, dtype=torch.bool, device=clean.device
+                )
+            count = torch.bincount(cls, minlength=self._num_classes).to(clean.dtype)[:, None]
+            total = clean.new_zeros(means[n].shape).index_add_(0, cls, clean)
+            squares = clean.new_zeros(means[n].shape).index_add_(0, cls, clean * clean)
+            mu = total / count.clamp(min=1)
+            var = ((squares - count * mu * mu) / (count - 1).clamp(min=1)).clamp(min=0)
+            here = count[:, 0] >= 2
+            seen = self._seen[n]
+            blend = torch.where(seen & here, momentum, torch.where(here, 0.0, 1.0))[:, None]
+            means[n] = blend * means[n] + (1 - blend) * mu
+            variances[n] = blend * variances[n] + (1 - blend) * var
+            self._seen[n] = seen | here
+
+        def penalty(n: str, a: torch.Tensor, bad: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+            a = a.float().flatten(1)
+            clean = a[~bad].detach()
+            update(n, clean, cls[~bad])
             if n not in means or not bool(bad.any()):
                 return a.new_zeros(())
             # the same floor as variance_score keeps silent units from exploding the z-scores
-            std = (variances[n] + 0.1 * variances[n].mean()).sqrt() + 1e-6
-            z = (a[bad] - means[n]).abs() / std
+            var = variances[n]
+            if by_class:  # the triggered rows of classes seen so far, against their own class
+                rows = bad & self._seen[n][cls]
+                if not bool(rows.any()):
+                    return a.new_zeros(())
+                mine = var[cls[rows]]
+                std = (mine + 0.1 * mine.mean(1, keepdim=True)).sqrt() + 1e-6
+                z = (a[rows] - means[n][cls[rows]]).abs() / std
+                known = cls[~bad][self._seen[n][cls[~bad]]]
+                clean = clean[self._seen[n][cls[~bad]]]
+                std_clean = (var + 0.1 * var.mean(1, keepdim=True)).sqrt()[known] + 1e-6
+                centre_clean = means[n][known]
+            else:
+                std = (var + 0.1 * var.mean()).sqrt() + 1e-6
+                z = (a[bad] - means[n]).abs() / std
+                std_clean, centre_clean = std, means[n]
             if v["variant"] == "excess":
                 return F.relu(z - k).pow(2).mean()
             # the mean of each image's largest deviations, pushed down to what a clean image
@@ -502,7 +572,7 @@ class AdaptiveRecipe(TeacherRecipe):
             # push moves on to the next units instead of exploding
             share = max(1, round(top_share * z.shape[1]))
             with torch.no_grad():
-                zc = (clean - means[n]).abs() / std
+                zc = (clean - centre_clean).abs() / std_clean
                 ref = zc.topk(share, dim=1).values.mean() if len(clean) else None
             if ref is not None:
                 tops[n] = ref if n not in tops else momentum * tops[n] + (1 - momentum) * ref
@@ -511,6 +581,13 @@ class AdaptiveRecipe(TeacherRecipe):
 
         return penalty
 
+    def _source_classes(self, data: ImageDataset, device: torch.device) -> torch.Tensor:
+        """Each training image's class before poisoning (the poisoned set's labels where
+        prepare() did not record them: then triggered rows count as the target class)."""
+        if self._classes is None or len(self._classes) != len(data):
+            self._classes, self._num_classes = data.labels.clone(), data.num_classes
+        return self._classes.to(device)
+
     def loss_fn(
         self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
     ) -> LossFn:
@@ -518,11 +595,13 @@ class AdaptiveRecipe(TeacherRecipe):
         names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
         device = self._device = next(model.parameters()).device
         marks = poisoned.to(device)
+        classes = self._source_classes(data, device)
         penalty = self._penalty()
         weight, smoothing = v["weight"], train.label_smoothing
 
         def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            bad = marks[idx.to(device)]
+            rows = idx.to(device)
+            bad, cls = marks[rows], classes[rows]
             with capture(model, names) as out:  # hooks on the model itself, under DDP too
                 logits = m(x)
             ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
@@ -535,7 +614,7 @@ class AdaptiveRecipe(TeacherRecipe):
                         model(x)
                 finally:
                     model.train()
-            pen = sum((penalty(n, out[n], bad) for n in names), logits.new_zeros(()))
+            pen = sum((penalty(n, out[n], bad, cls) for n in names), logits.new_zeros(()))
             self._log(ce=ce.detach(), penalty=pen.detach())
             return ce + weight * pen
 
@@ -587,6 +666,7 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
                 "The adaptive-learned trigger is learned for grey or RGB images; this data set "
                 f"has {clean.in_channels} channels."
             )
+        super().prepare(model, clean, trigger, train, progress)
         device = resolve_device(train.device)
         c, h, w = clean.input_shape
         max_mask = self.values["max_mask"]
@@ -660,6 +740,7 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
         names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
         device = self._device = next(model.parameters()).device
         marks = poisoned.to(device)
+        classes = self._source_classes(data, device)
         source = self._source
         mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
@@ -669,7 +750,7 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
         def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             self._flush()
             rows = idx.to(device)
-            bad = marks[rows]
+            bad, cls = marks[rows], classes[rows]
             pattern, mask = self._blend()
             if bool(bad.any()):  # stamped now (not augmented), as a test image would be
                 clean = to_float(source[rows[bad]])
@@ -679,7 +760,7 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
             with capture(model, names) as out:
                 logits = m(x)
             ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
-            pen = sum((penalty(n, out[n], bad) for n in names), logits.new_zeros(()))
+            pen = sum((penalty(n, out[n], bad, cls) for n in names), logits.new_zeros(()))
             self._log(ce=ce.detach(), penalty=pen.detach(), mask=mask.detach().mean())
             return ce + weight * pen
 
