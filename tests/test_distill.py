@@ -133,13 +133,16 @@ def test_label_screen_catches_what_the_variance_screen_does_not_see() -> None:
     assert alone.metrics["flagged_samples"] == 0 and "label_screen" not in alone.metrics
     both = run_method("robustkd", model, meta, scenario, blind)
     info = both.metrics["label_screen"]
-    assert info["disputed"] == info["only_by_labels"] == both.metrics["flagged_samples"]
+    assert info["only_by_labels"] == both.metrics["flagged_samples"] >= info["disputed"]
+    assert info["signature_examples"] == info["disputed"]
     truth = scenario.poisoned_mask
     flipped = truth & (scenario.distill.labels != meta["target"])
     withheld = both.withheld
     assert withheld is not None
     assert float(withheld[flipped].float().mean()) >= 0.9
-    assert float(withheld[~truth].float().mean()) <= 0.05
+    # the target class's own triggered samples: not disputed, found by the signature
+    assert float(withheld[truth & ~flipped].float().mean()) >= 0.9
+    assert float(withheld[~truth].float().mean()) <= 0.08
     # with the variance screen on as well, the union is withheld
     default = run_method("robustkd", model, meta, scenario, _config())
     assert default.metrics["flagged_samples"] >= default.metrics["label_screen"]["disputed"]
@@ -189,6 +192,7 @@ def test_compare_writes_a_complete_report(teacher, scenario, tmp_path: Path) -> 
     labels = saved["methods"]["robustkd"]["label_screen"]
     assert f"{labels['disputed']} were withheld because the teacher disputes their label" in md
     assert f"{labels['within_classes']} because they deviate within their class" in md
+    assert f"{labels['signature']} because they deviate from their class the way" in md
     assert (run.path / "report.csv").read_text().count("\n") == 5  # header + teacher + 3
     for fig in ("acc_asr", "curves_asr", "curves_acc", "per_class"):
         html = (run.path / "figures" / f"{fig}.html").read_text()

@@ -6,11 +6,16 @@ cross-entropy only (or are dropped, ``screen_policy``). With labelled data (``sc
 so do samples whose own label the teacher disputes more than it does on trusted clean images,
 and samples that the same variance screen, run within their labelled class, finds deviating:
 an adaptive trigger held inside the clean range of all images together hides from neither.
+Last, samples whose deviation from their own class's trusted mean points the way the disputed
+samples' does (``defenses.signature``): the target class's own triggered samples, which the
+teacher agrees with, and a trigger held inside every class's range too.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from robustkd.defenses.base import Context, Recipe, StudentMethod, register_method
 from robustkd.defenses.detox import (
@@ -19,6 +24,7 @@ from robustkd.defenses.detox import (
     fit_threshold,
     screen_within_classes,
 )
+from robustkd.defenses.signature import fit_signature_screen
 from robustkd.training.distill import screen_report
 
 
@@ -78,14 +84,30 @@ class VarianceDetox(StudentMethod):
                     config.threshold,
                     config.screen_quantile,
                 )
+                # what the disputed samples share, looked for in those the teacher agrees with
+                # (the target class's own triggered samples)
+                signature = fit_signature_screen(
+                    teacher,
+                    scenario.trusted,
+                    scenario.distill.subset(torch.nonzero(disputed).flatten()),
+                    config.layers,
+                    config.seed,
+                    config.screen_quantile,
+                )
+                shared = torch.zeros_like(disputed)
+                if signature is not None:
+                    shared = signature.flags(teacher, scenario.distill)
+                by_labels = disputed | within | shared
                 extra["label_screen"] = {
                     "threshold": labels.threshold,
                     "disputed": int(disputed.sum()),
                     "within_classes": int(within.sum()),
-                    "only_by_labels": int(((disputed | within) & ~withheld).sum()),
+                    "signature": int(shared.sum()),
+                    "signature_examples": signature.examples if signature is not None else 0,
+                    "only_by_labels": int((by_labels & ~withheld).sum()),
                     **per_class,
                 }
-                withheld = withheld | disputed | within
+                withheld = withheld | by_labels
             extra.update(screen_report(withheld, scenario.poisoned_mask, screen.threshold))
         extra["flagged_units"] = fit.flagged_units(config.threshold)
         extra["thresholds"] = fit.thresholds(config.threshold)

@@ -269,9 +269,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         if labels:
             lines[-1] += (
                 f" With the labels, {labels['disputed']} were withheld because the teacher "
-                f"disputes their label and {labels.get('within_classes', 0)} because they "
-                f"deviate within their class; {labels['only_by_labels']} of these the variance "
-                "screen alone missed."
+                f"disputes their label, {labels.get('within_classes', 0)} because they "
+                f"deviate within their class and {labels.get('signature', 0)} because they "
+                "deviate from their class the way the disputed samples do; "
+                f"{labels['only_by_labels']} of these the variance screen alone missed."
             )
     if report.get("command"):
         lines += ["", f"Command: `{report['command']}`"]
