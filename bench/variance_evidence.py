@@ -8,9 +8,11 @@ the Feature variance page's probe. Per stage: the units flagged at the clean-hal
 threshold, the highest unit score, and the mean of the top 1 % of unit scores (what an
 adaptive attack tries to push down). Then the sample screen: RobustKD's (mean squared z over
 the flagged units), one over every unit of every stage, each calibrated at the 99th
-percentile of trusted clean scores, and RobustKD's screen run within each labelled class
-(``screen_within_classes``): how many triggered suspect images each withholds (recall) and
-how many images in all. Prints a Markdown table.
+percentile of trusted clean scores, RobustKD's screen run within each labelled class
+(``screen_within_classes``), its label screen (samples whose label the teacher disputes) and
+its signature screen (learned from the disputed samples, ``defenses.signature``): how many
+triggered suspect images each withholds (recall) and how many images in all. Prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -19,10 +21,18 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from robustkd.attacks import trigger_from_dict
 from robustkd.attacks.poison import poison_dataset
 from robustkd.data.datasets import load_dataset
-from robustkd.defenses.detox import fit_screen, fit_threshold, screen_within_classes
+from robustkd.defenses.detox import (
+    fit_label_screen,
+    fit_screen,
+    fit_threshold,
+    screen_within_classes,
+)
+from robustkd.defenses.signature import fit_signature_screen
 from robustkd.errors import RobustKDError
 from robustkd.models.checkpoints import load_checkpoint
 from robustkd.models.modelcard import attack_mode_of, normalized_for
@@ -65,9 +75,15 @@ def evidence(path: Path, size: int, rate: float) -> list[str]:
         caught = int((withheld & triggered).sum())
         cells.append(f"{caught} of {int(triggered.sum())} ({int(withheld.sum())} withheld)")
     within, _ = screen_within_classes(model, probe.trusted, suspect)
-    caught = int((within & triggered).sum())
-    cells.append(f"{caught} of {int(triggered.sum())} ({int(within.sum())} withheld)")
-    rows.append(f"| {path.stem} | screen | {cells[0]} | {cells[1]} | {cells[2]} |")
+    # the label screen, then the signature learned from what it disputes
+    disputed = fit_label_screen(model, fit.calibration).flags(model, suspect)
+    examples = suspect.subset(torch.nonzero(disputed).flatten())
+    signature = fit_signature_screen(model, probe.trusted, examples)
+    shared = signature.flags(model, suspect) if signature is not None else disputed & False
+    for withheld in (within, disputed, shared):
+        caught = int((withheld & triggered).sum())
+        cells.append(f"{caught} of {int(triggered.sum())} ({int(withheld.sum())} withheld)")
+    rows.append(f"| {path.stem} | screen | {' | '.join(cells)} |")
     return rows
 
 
@@ -91,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(
         "\nscreen rows: triggered suspect images withheld by the flagged-unit screen | by a "
-        "screen over every unit | by the flagged-unit screen within each class (images "
+        "screen over every unit | by the flagged-unit screen within each class | by the "
+        "label screen (disputed labels) | by the signature of the disputed samples (images "
         "withheld in all)."
     )
     return 0

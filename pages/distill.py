@@ -163,9 +163,10 @@ with st.form("launch"):
     label_screen = st.checkbox(
         "RobustKD also screens with the labels",
         value=True,
-        help="Labelled distillation data only: samples whose label the teacher disputes, and "
-        "samples that deviate within their own class, get cross-entropy only too. Catches an "
-        "adaptive trigger whose features stay inside the clean range of all images together.",
+        help="Labelled distillation data only: samples whose label the teacher disputes, "
+        "samples that deviate within their own class, and samples that deviate from their "
+        "class the way the disputed ones do, get cross-entropy only too. Catches an adaptive "
+        "trigger whose features stay inside the clean range of all images, or of each class.",
     )
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
     gpus = distributed.gpu_count()

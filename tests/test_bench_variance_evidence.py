@@ -21,7 +21,8 @@ def test_rows_per_stage_and_the_screens(
         flagged, highest, top = row.split(" | ")[2:5]
         assert " of " in flagged and float(highest) >= float(top.rstrip(" |")) > 0
     # 20 triggered suspect images: each screen says how many of them it withheld
-    assert rows[3].count(" of 20 (") + rows[3].count("inactive") == 3  # the third: per class
+    # the third: per class; the fourth: disputed labels; the fifth: their signature
+    assert rows[3].count(" of 20 (") + rows[3].count("inactive") == 5
 
 
 def test_a_missing_teacher_is_one_sentence(
