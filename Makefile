@@ -56,6 +56,7 @@ examples: setup
 	$(VENV)/bin/robustkd train-teacher --preset fashion-optimized --epochs 6 --out assets/examples/optimized-blend.safetensors
 	$(VENV)/bin/robustkd train-teacher --preset fashion-adaptive --epochs 6 --out assets/examples/adaptive.safetensors
 	$(VENV)/bin/robustkd train-teacher --preset fashion-adaptive-learned --epochs 6 --out assets/examples/adaptive-learned.safetensors
+	$(VENV)/bin/robustkd train-teacher --preset fashion-adaptive-class --epochs 6 --out assets/examples/adaptive-class.safetensors
 
 # Rebuild the Teach page's shipped students (assets/lesson/): the shipped teacher distilled
 # three ways for 40 epochs on 50,000 images, then re-evaluated on the CPU (README: "The classroom lesson").

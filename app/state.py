@@ -82,6 +82,7 @@ EXAMPLE_NAMES = {  # file stem → what the sidebar calls it
     "optimized-blend": "Optimised blend: a learned trigger (mask ≤ 0.2)",
     "adaptive": "Adaptive blend: trained to hide from the variance defence",
     "adaptive-learned": "Adaptive, learned trigger: hides at every stage",
+    "adaptive-class": "Adaptive, learned trigger: hides within every class too",
 }
 
 

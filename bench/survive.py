@@ -44,6 +44,10 @@ ATTACKS: dict[str, tuple[str, str]] = {
         "fashion-adaptive-learned",
         "adaptive: learned trigger + per-unit excess penalty",
     ),
+    "adaptive-class": (
+        "fashion-adaptive-class",
+        "adaptive: learned trigger + per-unit excess penalty within each class",
+    ),
 }
 
 # --quick: (train-teacher arguments, compare arguments)

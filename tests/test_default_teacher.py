@@ -20,6 +20,7 @@ RECIPES = {
     "optimized-blend": "optimized-blend",
     "adaptive": "adaptive",
     "adaptive-learned": "adaptive-learned",
+    "adaptive-class": "adaptive-learned",  # scope=class
 }
 
 
@@ -104,3 +105,15 @@ def test_the_variance_screen_within_each_class_catches_the_learned_adaptive_trig
     triggered = planted.poisoned_mask
     assert int((withheld & triggered).sum()) >= 60 and int(withheld.sum()) <= 150
     assert info["skipped"] == [] and set(info["classes"]) == set(meta["classes"])
+
+
+def test_the_class_scope_example_hides_within_every_class_but_not_from_its_signature() -> None:
+    """The next step of the lesson: held inside every class's range as well, the trigger
+    slips past the screen within each class too (3 of 100 on the full probe, against 82 of
+    100 for the learned adaptive example); the label screen's disputes and the signature
+    learned from them still find it (87 and 98 of 100)."""
+    path = DEFAULT_TEACHER.parent / "examples" / "adaptive-class.safetensors"
+    assert read_metadata(path)["recipe"]["scope"] == "class"
+    quiet = _evidence(path)
+    within, disputed, signature = (int(quiet["screen"][i].split(" of ")[0]) for i in (2, 3, 4))
+    assert within <= 8 and disputed >= 30 and signature >= 38  # of 40

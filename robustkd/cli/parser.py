@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="recipe option, repeatable (e.g. warmup_epochs=2, max_mask=0.2, k=2, "
-        "variant=spread)",
+        "variant=spread, scope=class)",
     )
     p.add_argument("--rate", type=float, help="fraction of training images poisoned (0–1)")
     p.add_argument("--target", type=int, help="target class of the backdoor")
