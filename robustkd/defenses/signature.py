@@ -146,7 +146,9 @@ def fit_signature_screen(
         raise ConfigError("The trusted clean set has unlabelled images; label every one of them.")
     names = resolve_layers(teacher, layers)
     half_a, half_b = split_halves(trusted, seed)
-    classes = max(int(_labels(trusted).max()), int(_labels(examples).max())) + 1
+    # every class the data name (a class the trusted set lacks gets no mean, and scores 0)
+    labelled_max = max(int(_labels(trusted).max()), int(_labels(examples).max())) + 1
+    classes = max(trusted.num_classes, examples.num_classes, labelled_max)
     means, stds, present = _class_moments(teacher, half_a, names, classes)
     # the examples whose class has a trusted mean to deviate from
     labels = _labels(examples)
