@@ -79,7 +79,9 @@ def evidence(path: Path, size: int, rate: float) -> list[str]:
     disputed = fit_label_screen(model, fit.calibration).flags(model, suspect)
     examples = suspect.subset(torch.nonzero(disputed).flatten())
     signature = fit_signature_screen(model, probe.trusted, examples)
-    shared = signature.flags(model, suspect) if signature is not None else disputed & False
+    shared = torch.zeros_like(disputed)
+    if signature is not None:
+        shared = signature.flags(model, suspect)
     for withheld in (within, disputed, shared):
         caught = int((withheld & triggered).sum())
         cells.append(f"{caught} of {int(triggered.sum())} ({int(withheld.sum())} withheld)")
