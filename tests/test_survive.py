@@ -411,22 +411,25 @@ def test_adaptive_learned_trigger_is_learned_bounded_and_lowers_the_variance_sco
     )
 
 
+class _StopError(Exception):
+    pass
+
+
+def _stop_after_first_epoch(event: Any) -> None:
+    """A progress callback that interrupts training once its first epoch has ended."""
+    if event.kind == "epoch" and event.epoch == 1:
+        raise _StopError
+
+
 def test_adaptive_learned_trigger_resumes_where_it_stopped(tmp_path: Path) -> None:
     """An interrupted run resumed from its state ends with the same trigger and weights as an
     uninterrupted one: the trigger and its optimiser travel with the training state."""
 
-    class StopError(Exception):
-        pass
-
-    def stop_after_first_epoch(event: Any) -> None:
-        if event.kind == "epoch" and event.epoch == 1:
-            raise StopError
-
     config = _learned_config(1.0, epochs=2, train_size=300)
     full, meta_full = train_teacher(config, tmp_path / "full.safetensors")
     out = tmp_path / "resumed.safetensors"
-    with pytest.raises(StopError):
-        train_teacher(config, out, progress=stop_after_first_epoch)
+    with pytest.raises(_StopError):
+        train_teacher(config, out, progress=_stop_after_first_epoch)
     state = torch.load(out.with_suffix(".state.pt"), weights_only=True)
     assert {"pattern", "mask", "optimizer", "means"} <= set(state["companion"])
     resumed, meta = train_teacher(config, out, resume=True)
@@ -437,17 +440,10 @@ def test_adaptive_learned_trigger_resumes_where_it_stopped(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("companion", [{"pattern": "x"}, {"means": 3}, ["not", "a", "dict"]])
 def test_a_tampered_recipe_state_is_one_sentence(tmp_path: Path, companion: Any) -> None:
-    class StopError(Exception):
-        pass
-
-    def stop_after_first_epoch(event: Any) -> None:
-        if event.kind == "epoch" and event.epoch == 1:
-            raise StopError
-
     config = _learned_config(1.0, epochs=2, train_size=200)
     out = tmp_path / "t.safetensors"
-    with pytest.raises(StopError):
-        train_teacher(config, out, progress=stop_after_first_epoch)
+    with pytest.raises(_StopError):
+        train_teacher(config, out, progress=_stop_after_first_epoch)
     state_path = out.with_suffix(".state.pt")
     state = torch.load(state_path, weights_only=True)
     state["companion"] = companion

@@ -20,7 +20,7 @@ threshold on the mean over layers. Unlabelled samples get score 0 (never withhel
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,18 @@ def _labels(data: ImageDataset) -> torch.Tensor:
     return data.labels.cpu().long()
 
 
+def _by_batch(
+    model: nn.Module, data: ImageDataset, names: Sequence[str]
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Each batch's flattened float outputs of ``names`` (on the CPU), with its labels."""
+    labels, start = _labels(data), 0
+    for out in layer_outputs(model, data, names):
+        flat = {n: out[n].float().cpu().flatten(1) for n in names}
+        rows = labels[start : start + len(next(iter(flat.values())))]
+        start += len(rows)
+        yield flat, rows
+
+
 @torch.no_grad()
 def _class_moments(
     model: nn.Module, data: ImageDataset, names: Sequence[str], classes: int
@@ -45,25 +57,22 @@ def _class_moments(
     """Per layer: the mean of every unit per class ``(classes, units)`` and the pooled
     within-class standard deviation ``(units,)`` (floored like the variance score); and
     which classes have at least two images to take a mean from."""
-    labels = _labels(data)
-    sums: dict[str, torch.Tensor] = {}
-    squares: dict[str, torch.Tensor] = {}
-    start = 0
-    for out in layer_outputs(model, data, names):
-        rows = labels[start : start + len(next(iter(out.values())))]
-        start += len(rows)
+    sums: dict[str, torch.Tensor] = {}  # per class × unit
+    squares: dict[str, torch.Tensor] = {}  # per unit: the pooled variance needs no more
+    for flat, rows in _by_batch(model, data, names):
         for n in names:
-            a = out[n].float().cpu().flatten(1).double()
+            a = flat[n].double()
             if n not in sums:
                 sums[n] = a.new_zeros((classes, a.shape[1]))
-                squares[n] = a.new_zeros((classes, a.shape[1]))
+                squares[n] = a.new_zeros(a.shape[1])
             sums[n].index_add_(0, rows, a)
-            squares[n].index_add_(0, rows, a * a)
-    count = torch.bincount(labels, minlength=classes).double()[:, None]
+            squares[n] += (a * a).sum(0)
+    count = torch.bincount(_labels(data), minlength=classes).double()[:, None]
     means, stds = {}, {}
     for n in names:
         mu = sums[n] / count.clamp(min=1)
-        within = (squares[n] - count * mu * mu).clamp(min=0).sum(0)
+        # within-class sum of squares: Σ x² − Σ_c n_c μ_c²
+        within = (squares[n] - (count * mu * mu).sum(0)).clamp(min=0)
         var = within / max(1.0, float(count.sum()) - int((count > 0).sum()))
         # the same floor as variance_score: silent units do not explode the deviations
         stds[n] = (var + 0.1 * var.mean()).sqrt().float() + 1e-6
@@ -94,13 +103,10 @@ class SignatureScreen:
         labels = _labels(data)
         known = self._known(labels)
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        start = 0
-        for out in layer_outputs(model, data, self.layers):
-            rows = labels[start : start + len(next(iter(out.values())))].clamp(min=0)
-            start += len(rows)
+        for flat, rows in _by_batch(model, data, self.layers):
+            rows = rows.clamp(min=0)
             for n in self.layers:
-                a = out[n].float().cpu().flatten(1)
-                z = (a - self.class_means[n][rows]) / self.stds[n]
+                z = (flat[n] - self.class_means[n][rows]) / self.stds[n]
                 parts[n].append(z @ self.directions[n])
         return {n: torch.where(known, torch.cat(p), torch.zeros(())) for n, p in parts.items()}
 
@@ -159,14 +165,10 @@ def fit_signature_screen(
         return None
     # the signature: the disputed samples' mean own-class z-vector, per layer
     sums = {n: torch.zeros_like(stds[n]) for n in names}
-    labels, start = _labels(examples), 0
     with torch.no_grad():
-        for out in layer_outputs(teacher, examples, names):
-            rows = labels[start : start + len(next(iter(out.values())))]
-            start += len(rows)
+        for flat, rows in _by_batch(teacher, examples, names):
             for n in names:
-                a = out[n].float().cpu().flatten(1)
-                sums[n] += ((a - means[n][rows]) / stds[n]).sum(0)
+                sums[n] += ((flat[n] - means[n][rows]) / stds[n]).sum(0)
     directions = {n: s / s.norm().clamp(min=1e-12) for n, s in sums.items()}
     screen = SignatureScreen(
         names, means, stds, directions, present, {}, {}, float("inf"), quantile, len(examples)
