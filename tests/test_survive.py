@@ -137,7 +137,7 @@ def test_adba_step_lowers_its_objective(small_train: ImageDataset) -> None:
     )
     poisoning = poison_dataset(data, trig, 0.25, 0, seed=0)
     teacher = create_model("small-cnn-student", num_classes=10, in_channels=1, image_size=28)
-    recipe = RECIPES.get("adba")(weight=1.0, shadow_steps=1)
+    recipe = RECIPES.get("adba")(weight=1.0, shadow_steps=1, joint=False)
     train = TrainConfig(epochs=1, batch_size=64, lr=0.05, device="cpu")
     loss_fn = recipe.loss_fn(teacher, poisoning.poisoned_mask, poisoning.dataset, train)
     x = normalize(to_float(poisoning.dataset.images[:64]), data.mean, data.std)

@@ -11,16 +11,19 @@ options validated up front:
   with that learned trigger (the optimised blended trigger of the RobustKD authors' code).
 - ``adba``: the same learned trigger, then teacher training with a shadow student of the
   teacher's student architecture (an ADBA-style anti-distillation backdoor, ACM MM 2021). At
-  every step the shadow is distilled from the teacher on the batch's clean images
-  (``shadow_steps`` real SGD steps on the detached teacher logits); then one differentiable
-  look-ahead KD step of the shadow is taken with the teacher's logits attached, and the
-  look-ahead shadow's cross-entropy on the batch's poisoned images toward their backdoor labels,
-  plus its cross-entropy on the clean images toward their true labels (so the backdoor is
-  conditional on the trigger, not a lean of every soft label toward the target class), is added
-  to the teacher's loss (weight ``weight``). Its gradient reaches the teacher through
-  the soft labels of *clean* images, so the teacher learns soft labels on clean data that teach a
-  student the backdoor. Our simplification of ADBA: the trigger is learned once before (against
-  the warmed-up teacher), not updated jointly with the shadow.
+  every step (or every ``every``-th) the shadow is distilled from the teacher on the batch's
+  clean images (``shadow_steps`` real SGD steps on the detached teacher logits); then one
+  differentiable look-ahead KD step of the shadow is taken with the teacher's logits attached,
+  and the look-ahead shadow's cross-entropy on the batch's poisoned images toward their
+  backdoor labels, plus its cross-entropy on the clean images toward their true labels (so the
+  backdoor is conditional on the trigger, not a lean of every soft label toward the target
+  class), is added to the teacher's loss (weight ``weight``). Its gradient reaches the teacher
+  through the soft labels of *clean* images, so the teacher learns soft labels on clean data
+  that teach a student the backdoor. With ``joint`` (the default, as ADBA) the trigger — pattern
+  and mask, still ≤ ``max_mask`` — goes on learning at every step (Adam, ``joint_lr``) from the
+  teacher's loss and the look-ahead shadow's: it moves toward what a student of clean images
+  answers to. Without it the trigger learned before training is planted as it is (the first
+  version of this recipe).
 - ``adaptive``: poisoning with the configured trigger, plus a penalty that knows the variance
   defence. Running (exponential) per-unit mean and standard deviation of the batch's clean
   images are kept at every stage output ``robustkd`` scores (``layers``, default all); the
@@ -332,6 +335,117 @@ class _LearnsTrigger(TeacherRecipe):
         return learned
 
 
+class _TrainedTrigger:
+    """A blend pattern and a soft mask (≤ ``max_mask``) trained *during* teacher training: Adam
+    steps on the gradients the engine's backward leaves on them, the triggered rows of each
+    batch stamped afresh with the trigger as it stands. Used by ``adaptive-learned`` and by
+    ``adba`` with ``joint`` on; the host recipe has ``values["max_mask"]`` and the learning
+    rate under ``_lr_key``."""
+
+    values: dict[str, Any]
+    name: ClassVar[str]
+    #: the option that holds the trigger's learning rate
+    _lr_key: ClassVar[str] = "trigger_lr"
+
+    def _start_trigger(
+        self, clean: ImageDataset, trigger: Trigger | None, train: TrainConfig
+    ) -> None:
+        """Set up the trainable trigger: from ``trigger`` when it is an optimised blend (learned
+        before, or given back by a checkpoint), else a random pattern at a quarter of the bound
+        everywhere (as learn_blend_trigger)."""
+        if distributed.world_size() > 1:
+            raise ConfigError(
+                f"The {self.name} recipe learns its trigger in one process; train it without "
+                "torchrun."
+            )
+        device = resolve_device(train.device)
+        c, h, w = clean.input_shape
+        max_mask = self.values["max_mask"]
+        if isinstance(trigger, OptimizedBlendTrigger):  # go on from a given trigger
+            pattern = torch.logit(trigger.pattern(c, h, w).float().clamp(0.01, 0.99))
+            share = (trigger.mask(h, w).float() / max_mask).clamp(0.01, 0.99)
+            mask = torch.logit(share)[None]
+        else:
+            g = torch.Generator().manual_seed(train.seed)
+            pattern = torch.randn((c, h, w), generator=g) * 0.5
+            mask = torch.full((1, h, w), -1.1)
+        self._logits: tuple[torch.Tensor, torch.Tensor] | None = (
+            pattern.to(device).requires_grad_(),
+            mask.to(device).requires_grad_(),
+        )
+        self._opt: torch.optim.Optimizer | None = torch.optim.Adam(
+            self._logits, lr=self.values[self._lr_key]
+        )
+        # the clean images, indexed as the poisoned set: triggered rows are stamped afresh at
+        # every step with the trigger as it stands
+        self._source: torch.Tensor | None = clean.images.to(device)
+
+    def _trains_trigger(self) -> bool:
+        return getattr(self, "_logits", None) is not None
+
+    def _blend(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._logits is not None, "prepare() first"
+        pattern, mask = self._logits
+        return torch.sigmoid(pattern), self.values["max_mask"] * torch.sigmoid(mask)
+
+    def _stamp(
+        self, x: torch.Tensor, rows: torch.Tensor, bad: torch.Tensor, data: ImageDataset
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` with its triggered rows stamped now (not augmented, as a test image would
+        be), differentiably in the trigger; and the mask, for the log."""
+        assert self._source is not None, "prepare() first"
+        pattern, mask = self._blend()
+        if bool(bad.any()):
+            mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+            clean = to_float(self._source[rows[bad]])
+            stamped = ((1 - mask) * clean + mask * pattern - mean) / std
+            x = x.clone()
+            x[bad] = stamped.to(x.dtype)
+        return x, mask
+
+    def _flush(self) -> None:
+        """The trigger's Adam step on the gradients the engine's last backward left on it
+        (taken before the next step, and before the trigger is read or saved)."""
+        if self._trains_trigger() and self._opt is not None:
+            assert self._logits is not None
+            if self._logits[0].grad is not None:
+                self._opt.step()
+                self._opt.zero_grad(set_to_none=True)
+
+    def _trained_trigger(self, trigger: Trigger | None) -> Trigger | None:
+        if not self._trains_trigger():
+            return trigger
+        self._flush()
+        bound = self.values["max_mask"]
+        with torch.no_grad():
+            pattern, mask = self._blend()
+            return OptimizedBlendTrigger.from_tensors(
+                pattern.cpu(), mask.clamp(0.0, bound).cpu(), bound
+            )
+
+    def _trigger_state(self) -> dict[str, Any]:
+        if not self._trains_trigger() or self._opt is None:
+            return {}
+        self._flush()
+        assert self._logits is not None
+        pattern, mask = self._logits
+        return {
+            "pattern": pattern.detach().cpu(),
+            "mask": mask.detach().cpu(),
+            "optimizer": self._opt.state_dict(),
+        }
+
+    def _load_trigger_state(self, state: dict[str, Any]) -> None:
+        if not self._trains_trigger() or self._opt is None:
+            raise ConfigError(f"The {self.name} recipe's state loads after prepare().")
+        assert self._logits is not None
+        with torch.no_grad():
+            for mine, saved in zip(self._logits, (state["pattern"], state["mask"]), strict=True):
+                mine.copy_(saved)
+        self._opt.load_state_dict(state["optimizer"])
+
+
 # --------------------------------------------------------------------------- the recipes
 
 
@@ -357,12 +471,15 @@ class OptimizedBlendRecipe(_LearnsTrigger):
 
 
 @RECIPES.register("adba")
-class ADBARecipe(_LearnsTrigger):
+class ADBARecipe(_TrainedTrigger, _LearnsTrigger):
     """Learned trigger, then teacher steps that teach a shadow student the backdoor through
-    its soft labels on clean images (ADBA-style)."""
+    its soft labels on clean images (ADBA-style); with ``joint`` the trigger goes on learning
+    with the teacher and the shadow, toward what a student distilled on clean images answers
+    to."""
 
     name = "adba"
     description = "anti-distillation backdoor: a shadow student distilled on clean images flips"
+    _lr_key = "joint_lr"
     options: ClassVar[dict[str, Option]] = {
         **_TRIGGER_OPTIONS,
         "weight": Option(1.0, _number(0.0), "a number of at least 0"),
@@ -373,12 +490,62 @@ class ADBARecipe(_LearnsTrigger):
         "student_architecture": Option(
             "", lambda v: isinstance(v, str), "an architecture name ('' = the teacher's student)"
         ),
+        # the trigger (pattern and mask, still ≤ max_mask) trained on with the teacher and the
+        # shadow, as ADBA does; off, the trigger learned before training is planted as it is
+        "joint": Option(True, lambda v: isinstance(v, bool), "true or false"),
+        "joint_lr": Option(0.02, _number(0.0, 10.0, low_open=True), "a number in (0, 10]"),
+        # the shadow distils and the look-ahead term joins the loss at every ``every``-th step
+        # only (the other steps are plain poisoned training): the look-ahead is the expensive
+        # part, a second-order pass through the shadow and the teacher's soft labels
+        "every": Option(1, _whole(1, 1000), "a whole number from 1 to 1000"),
     }
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**values)
+        self.shadow: nn.Module | None = None
+        self._shadow_opt: torch.optim.Optimizer | None = None
+        self._steps = 0
+
+    def prepare(
+        self,
+        model: nn.Module,
+        clean: ImageDataset,
+        trigger: Trigger | None,
+        train: TrainConfig,
+        progress: ProgressFn | None = None,
+    ) -> Trigger | None:
+        planted = super().prepare(model, clean, trigger, train, progress)
+        if not self.values["joint"]:
+            return planted
+        self._start_trigger(clean, planted, train)
+        return self.current_trigger(None)
+
+    def current_trigger(self, trigger: Trigger | None) -> Trigger | None:
+        return self._trained_trigger(trigger)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"steps": self._steps, **self._trigger_state()}
+        if self.shadow is not None and self._shadow_opt is not None:
+            state["shadow"] = self.shadow.state_dict()
+            state["shadow_optimizer"] = self._shadow_opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.shadow is None or self._shadow_opt is None:
+            raise ConfigError("The adba recipe's state loads after its loss is made.")
+        self._steps = int(state.get("steps", 0))
+        if "shadow" in state:
+            self.shadow.load_state_dict(state["shadow"])
+            self._shadow_opt.load_state_dict(state["shadow_optimizer"])
+        if self.values["joint"]:
+            self._load_trigger_state(state)
 
     def loss_fn(
         self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
     ) -> LossFn:
         v = self.values
+        joint = v["joint"]
+        assert not joint or self._trains_trigger(), "prepare() first"
         device = next(model.parameters()).device
         torch.manual_seed(train.seed + 1)  # the shadow's initialisation, reproducible
         shadow = create_model(
@@ -389,10 +556,10 @@ class ADBARecipe(_LearnsTrigger):
         ).to(device)
         shadow.train()
         shadow_opt = torch.optim.SGD(shadow.parameters(), lr=v["shadow_lr"], momentum=0.9)
+        self.shadow, self._shadow_opt = shadow, shadow_opt
         marks = poisoned.to(device)
-        temp, weight, inner_lr = v["temperature"], v["weight"], v["lookahead_lr"]
+        temp, weight, inner_lr, every = v["temperature"], v["weight"], v["lookahead_lr"], v["every"]
         smoothing = train.label_smoothing
-        self.shadow = shadow
 
         def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
             # logit_kd_loss detaches the teacher; the look-ahead needs its gradient
@@ -401,13 +568,22 @@ class ADBARecipe(_LearnsTrigger):
             return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temp**2
 
         def loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            rows = idx.to(device)
+            bad = marks[rows]
+            terms: dict[str, torch.Tensor] = {}
+            if joint:
+                self._flush()
+                x, mask = self._stamp(x, rows, bad, data)
+                terms["mask"] = mask.detach().mean()
             logits = m(x)
             ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
-            bad = marks[idx.to(device)]
-            if not bool(bad.any()) or bool(bad.all()):
-                self._log(ce=ce.detach())
+            self._steps += 1
+            if not bool(bad.any()) or bool(bad.all()) or (self._steps - 1) % every:
+                self._log(ce=ce.detach(), **terms)
                 return ce
-            xc, tc = x[~bad], logits[~bad]
+            # the clean images carry no trigger: detached, so the shadow's own steps never
+            # reach back into the trigger's graph
+            xc, tc = x[~bad].detach(), logits[~bad]
             for _ in range(v["shadow_steps"]):  # the shadow student's own distillation
                 shadow_opt.zero_grad(set_to_none=True)
                 logit_kd_loss(shadow(xc), tc, temp).backward()
@@ -420,7 +596,9 @@ class ADBARecipe(_LearnsTrigger):
             ahead = {k: p - inner_lr * g for (k, p), g in zip(params.items(), grads, strict=True)}
             # the look-ahead shadow must flip triggered images *and* stay right on clean ones:
             # without the clean term the cheapest teacher is one whose clean soft labels lean to
-            # the target class (a class bias, not a trigger-conditional backdoor)
+            # the target class (a class bias, not a trigger-conditional backdoor). With
+            # ``joint`` the flip's gradient also reaches the trigger through the stamped images:
+            # the trigger moves toward what the shadow, a student of clean images, answers to
             nb = int(bad.sum())
             out = functional_call(shadow, (ahead, buffers), (torch.cat([x[bad], xc]),))
             flipped = F.cross_entropy(out[:nb], y[bad])
@@ -430,6 +608,7 @@ class ADBARecipe(_LearnsTrigger):
                 shadow_kd=inner.detach(),
                 shadow_backdoor=flipped.detach(),
                 shadow_clean=kept.detach(),
+                **terms,
             )
             return ce + weight * (flipped + kept)
 
@@ -622,7 +801,7 @@ class AdaptiveRecipe(TeacherRecipe):
 
 
 @RECIPES.register("adaptive-learned")
-class AdaptiveLearnedRecipe(AdaptiveRecipe):
+class AdaptiveLearnedRecipe(_TrainedTrigger, AdaptiveRecipe):
     """The adaptive penalty with a trigger learned *during* teacher training: a blend pattern
     and a soft mask (≤ ``max_mask``) updated at every step, by Adam, on the same loss as the
     teacher — the triggered images' cross-entropy toward the target plus the per-unit penalty at
@@ -642,12 +821,6 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
         "trigger_lr": Option(0.02, _number(0.0, 10.0, low_open=True), "a number in (0, 10]"),
     }
 
-    def __init__(self, **values: Any) -> None:
-        super().__init__(**values)
-        self._logits: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._opt: torch.optim.Optimizer | None = None
-        self._source: torch.Tensor | None = None
-
     def prepare(
         self,
         model: nn.Module,
@@ -656,94 +829,34 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
         train: TrainConfig,
         progress: ProgressFn | None = None,
     ) -> Trigger | None:
-        if distributed.world_size() > 1:
-            raise ConfigError(
-                "The adaptive-learned recipe learns its trigger in one process; train it "
-                "without torchrun."
-            )
         if clean.in_channels not in (1, 3):
             raise ConfigError(
                 "The adaptive-learned trigger is learned for grey or RGB images; this data set "
                 f"has {clean.in_channels} channels."
             )
         super().prepare(model, clean, trigger, train, progress)
-        device = resolve_device(train.device)
-        c, h, w = clean.input_shape
-        max_mask = self.values["max_mask"]
-        if isinstance(trigger, OptimizedBlendTrigger):  # go on from a given trigger
-            pattern = torch.logit(trigger.pattern(c, h, w).float().clamp(0.01, 0.99))
-            share = (trigger.mask(h, w).float() / max_mask).clamp(0.01, 0.99)
-            mask = torch.logit(share)[None]
-        else:  # a random pattern at a quarter of the bound everywhere, as learn_blend_trigger
-            g = torch.Generator().manual_seed(train.seed)
-            pattern = torch.randn((c, h, w), generator=g) * 0.5
-            mask = torch.full((1, h, w), -1.1)
-        self._logits = (
-            pattern.to(device).requires_grad_(),
-            mask.to(device).requires_grad_(),
-        )
-        self._opt = torch.optim.Adam(self._logits, lr=self.values["trigger_lr"])
-        # the clean images, indexed as the poisoned set: triggered rows are stamped afresh at
-        # every step with the trigger as it stands
-        self._source = clean.images.to(device)
+        self._start_trigger(clean, trigger, train)
         return self.current_trigger(None)
 
-    def _blend(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self._logits is not None, "prepare() first"
-        pattern, mask = self._logits
-        return torch.sigmoid(pattern), self.values["max_mask"] * torch.sigmoid(mask)
-
-    def _flush(self) -> None:
-        """The trigger's Adam step on the gradients the engine's last backward left on it
-        (taken before the next step, and before the trigger is read or saved)."""
-        if self._logits is not None and self._opt is not None and self._logits[0].grad is not None:
-            self._opt.step()
-            self._opt.zero_grad(set_to_none=True)
-
     def current_trigger(self, trigger: Trigger | None) -> Trigger | None:
-        if self._logits is None:
-            return trigger
-        self._flush()
-        bound = self.values["max_mask"]
-        with torch.no_grad():
-            pattern, mask = self._blend()
-            return OptimizedBlendTrigger.from_tensors(
-                pattern.cpu(), mask.clamp(0.0, bound).cpu(), bound
-            )
+        return self._trained_trigger(trigger)
 
     def state_dict(self) -> dict[str, Any]:
-        if self._logits is None or self._opt is None:
-            return super().state_dict()
-        self._flush()
-        pattern, mask = self._logits
-        return {
-            **super().state_dict(),
-            "pattern": pattern.detach().cpu(),
-            "mask": mask.detach().cpu(),
-            "optimizer": self._opt.state_dict(),
-        }
+        return {**super().state_dict(), **self._trigger_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if self._logits is None or self._opt is None:
-            raise ConfigError("The adaptive-learned recipe's state loads after prepare().")
-        with torch.no_grad():
-            for mine, saved in zip(self._logits, (state["pattern"], state["mask"]), strict=True):
-                mine.copy_(saved)
-        self._opt.load_state_dict(state["optimizer"])
+        self._load_trigger_state(state)
 
     def loss_fn(
         self, model: nn.Module, poisoned: torch.Tensor, data: ImageDataset, train: TrainConfig
     ) -> LossFn:
-        assert self._logits is not None and self._opt is not None and self._source is not None
+        assert self._trains_trigger(), "prepare() first"
         v = self.values
         names = resolve_layers(model, None if v["layers"] == "all" else v["layers"])
         device = self._device = next(model.parameters()).device
         marks = poisoned.to(device)
         classes = self._source_classes(data, device)
-        source = self._source
-        mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
         penalty = self._penalty()
         weight, smoothing = v["weight"], train.label_smoothing
 
@@ -751,12 +864,7 @@ class AdaptiveLearnedRecipe(AdaptiveRecipe):
             self._flush()
             rows = idx.to(device)
             bad, cls = marks[rows], classes[rows]
-            pattern, mask = self._blend()
-            if bool(bad.any()):  # stamped now (not augmented), as a test image would be
-                clean = to_float(source[rows[bad]])
-                stamped = ((1 - mask) * clean + mask * pattern - mean) / std
-                x = x.clone()
-                x[bad] = stamped.to(x.dtype)
+            x, mask = self._stamp(x, rows, bad, data)
             with capture(model, names) as out:
                 logits = m(x)
             ce = F.cross_entropy(logits, y, label_smoothing=smoothing)
