@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
+from torch import nn
 
 from robustkd.analysis.metrics import evaluate
 from robustkd.attacks import OptimizedBlendTrigger, create_trigger, trigger_from_dict
@@ -172,6 +173,93 @@ def test_adba_teacher_records_its_recipe(tmp_path: Path) -> None:
     assert isinstance(trigger_from_dict(saved["trigger"]), OptimizedBlendTrigger)
     assert "recipe_shadow_backdoor" in saved["history"][0]
     assert meta["recipe"] == saved["recipe"]
+
+
+def _joint_adba(data: ImageDataset, **options: Any) -> tuple[Any, Any, nn.Module]:
+    """A joint adba recipe prepared on ``data`` (no warm-up, a short pre-learned trigger), its
+    loss on a 25 % poisoned copy, and the tiny teacher it trains."""
+    seed_everything(0)
+    teacher = create_model("small-cnn-student", num_classes=10, in_channels=1, image_size=28)
+    train = TrainConfig(epochs=1, batch_size=64, lr=0.05, device="cpu")
+    recipe = RECIPES.get("adba")(warmup_epochs=0, steps=3, images=64, top_k=5, **options)
+    trigger = recipe.prepare(teacher, data, None, train)
+    poisoning = poison_dataset(data, trigger, 0.25, 0, seed=0)
+    loss_fn = recipe.loss_fn(teacher, poisoning.poisoned_mask, poisoning.dataset, train)
+    return recipe, (loss_fn, poisoning.dataset), teacher
+
+
+def _adba_steps(recipe: Any, made: Any, teacher: nn.Module, n: int) -> list[float]:
+    loss_fn, data = made
+    x = normalize(to_float(data.images[:64]), data.mean, data.std)
+    y, idx = data.labels[:64], torch.arange(64)
+    opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
+    teacher.train()
+    losses = []
+    for _ in range(n):
+        opt.zero_grad()
+        loss = loss_fn(teacher, x, y, idx)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_joint_adba_trains_its_trigger_within_its_bound(small_train: ImageDataset) -> None:
+    """With ``joint`` the trigger goes on learning: it changes, its mask stays ≤ max_mask, the
+    objective falls, and the look-ahead shadow's flip reaches the trigger itself (its gradient
+    differs from the one of the teacher's loss alone)."""
+    data = small_train.subset(range(128))
+    recipe, made, teacher = _joint_adba(data, max_mask=0.15, joint_lr=0.05)
+    before = recipe.current_trigger(None)
+    losses = _adba_steps(recipe, made, teacher, 6)
+    after = recipe.current_trigger(None)
+    assert isinstance(after, OptimizedBlendTrigger)
+    assert losses[-1] < losses[0]
+    assert not torch.equal(before.mask(28, 28), after.mask(28, 28))
+    assert float(after.mask(28, 28).max()) <= 0.15 + 1e-6
+    pattern = after.pattern(1, 28, 28)
+    assert 0.0 <= float(pattern.min()) <= float(pattern.max()) <= 1.0
+    terms = recipe.epoch_terms()
+    assert {"recipe_ce", "recipe_shadow_backdoor", "recipe_mask"} <= set(terms)
+
+    grads = []
+    for weight in (0.0, 1.0):
+        recipe, made, teacher = _joint_adba(data, weight=weight)
+        loss_fn, poisoned = made
+        x = normalize(to_float(poisoned.images[:64]), poisoned.mean, poisoned.std)
+        loss_fn(teacher, x, poisoned.labels[:64], torch.arange(64)).backward()
+        grads.append(recipe._logits[0].grad.clone())
+    assert grads[0].abs().sum() > 0  # the teacher's own loss on the stamped images
+    assert not torch.allclose(grads[0], grads[1])  # and the shadow's flip on top
+
+
+def test_adba_every_spaces_out_the_shadow(small_train: ImageDataset) -> None:
+    """``every=2``: the shadow distils (and the look-ahead term is added) at steps 1, 3, …
+    only; the other steps leave the shadow as it was."""
+    recipe, made, teacher = _joint_adba(small_train.subset(range(128)), every=2)
+    shadows = []
+    for _ in range(3):
+        _adba_steps(recipe, made, teacher, 1)
+        shadows.append(copy.deepcopy(recipe.shadow.state_dict()))
+    first, second, third = (s["block1.0.weight"] for s in shadows)
+    assert torch.equal(first, second) and not torch.equal(second, third)
+
+
+def test_adba_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """The shadow student, its optimiser, the step count and the joint trigger travel with the
+    training state: an interrupted run resumed ends as an uninterrupted one."""
+    recipe = {"name": "adba", "warmup_epochs": 0, "steps": 3, "images": 64, "top_k": 5}
+    config = _config({"name": "optimized-blend"}, recipe, epochs=2, train_size=200)
+    full, meta_full = train_teacher(config, tmp_path / "full.safetensors")
+    out = tmp_path / "resumed.safetensors"
+    with pytest.raises(_StopError):
+        train_teacher(config, out, progress=_stop_after_first_epoch)
+    state = torch.load(out.with_suffix(".state.pt"), weights_only=True)
+    assert {"shadow", "shadow_optimizer", "steps", "pattern", "mask"} <= set(state["companion"])
+    resumed, meta = train_teacher(config, out, resume=True)
+    assert meta["trigger"] == meta_full["trigger"]
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- adaptive attack
