@@ -111,6 +111,9 @@ def test_every_method_runs_and_is_measured(method: str, teacher, scenario) -> No
         assert 0 <= m["screen_recall"] <= 1 and result.detoxifier is not None
     if method == "fine-pruning":
         assert 0 < m["pruned_channels"] < 64
+    if method == "robustkd-reverse":  # robustkd's screens, and one reversed trigger per class
+        assert m["flagged_samples"] > 0 and len(m["reversed_triggers"]) == 10
+        assert all(0 <= r["flip_rate"] <= 1 for r in m["reversed_triggers"])
 
 
 def test_screening_policy_drop_and_no_screen(teacher, scenario) -> None:
@@ -155,6 +158,9 @@ def test_label_screen_catches_what_the_variance_screen_does_not_see() -> None:
         ({"tau": 0.0}, "τ"),
         ({"tau": 1.5}, "τ"),
         ({"noise_rate": 2.0}, "noise rate"),
+        ({"reverse_share": 1.5}, "stamped student inputs"),
+        ({"reverse_max_mask": 0.0}, "mask bound"),
+        ({"reverse_steps": 0}, "reversal's steps"),
         ({"screen_policy": "ignore"}, "screening policy"),
         ({"epochs": 0}, "epochs"),
     ],

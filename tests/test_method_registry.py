@@ -35,6 +35,7 @@ BUILT_IN = [
     "logit-kd",
     "feature-kd",
     "robustkd",
+    "robustkd-reverse",
     "robustkd-paper",
     "nad",
     "fine-tuning",
@@ -98,7 +99,7 @@ def test_a_registered_method_is_listed_in_its_order(toys, capsys) -> None:
     assert main(["list", "methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines]
-    assert names == [*BUILT_IN[:2], "toy-kd", *BUILT_IN[2:6], "teacher-copy", *BUILT_IN[6:]]
+    assert names == [*BUILT_IN[:2], "toy-kd", *BUILT_IN[2:7], "teacher-copy", *BUILT_IN[7:]]
     assert lines[names.index("toy-kd")].endswith("student, logit KD at half weight (a test's toy)")
     assert METHODS.get("TOY-KD") is ToyKD  # names are case-insensitive, as in every registry
 

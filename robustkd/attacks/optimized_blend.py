@@ -8,6 +8,7 @@ checkpoint that records the trigger needs no file beside it. The mask is stored 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -129,3 +130,60 @@ class OptimizedBlendTrigger(Trigger):
     def region_mask(self, height: int, width: int) -> torch.Tensor:
         """The pixels the trigger changes: where the stored mask is above zero."""
         return self.mask(height, width) > 0
+
+
+def fit_blends(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    count: int = 1,
+    max_mask: float = 0.2,
+    steps: int = 300,
+    lr: float = 0.1,
+    batch_size: int = 128,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Learn ``count`` blend triggers at once against ``model``, its weights untouched.
+
+    ``images`` are ``(N, C, H, W)`` in [0, 1] on the model's device. At every step a batch of
+    them is drawn, stamped with each trigger, ``x' = (1 − m)·x + m·p`` (``m`` in [0,
+    max_mask] through a sigmoid), normalised, and ``objective(inputs, picked)`` — inputs
+    ``(count · B, C, H, W)``, the triggers' batches one after another — is minimised with
+    Adam. Returns the patterns ``(count, C, H, W)`` in [0, 1], the masks ``(count, 1, H, W)``
+    and the objective at every step; the model is left in eval mode.
+    """
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = images.device
+    _, c, h, w = images.shape
+    pattern_logit = (torch.randn((count, c, h, w), generator=g) * 0.5).to(device)
+    pattern_logit.requires_grad_()
+    # start at a quarter of the bound everywhere: room to grow where it pays, to shrink elsewhere
+    mask_logit = torch.full((count, 1, h, w), -1.1, device=device).requires_grad_()
+    opt = torch.optim.Adam([pattern_logit, mask_logit], lr=lr)
+    mu = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    sigma = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    history: list[float] = []
+    model.eval()
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            pick = torch.randint(len(images), (min(batch_size, len(images)),), generator=g)
+            x = images[pick.to(device)]
+            m = (max_mask * torch.sigmoid(mask_logit))[:, None]
+            xt = ((1 - m) * x[None] + m * torch.sigmoid(pattern_logit)[:, None]).flatten(0, 1)
+            loss = objective((xt - mu) / sigma, pick)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            history.append(float(loss.detach()))
+    finally:
+        for p, flag in zip(model.parameters(), frozen, strict=True):
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        patterns = torch.sigmoid(pattern_logit).cpu()
+        masks = (max_mask * torch.sigmoid(mask_logit)).clamp(0.0, max_mask).cpu()
+    return patterns, masks, history

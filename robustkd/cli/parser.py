@@ -348,6 +348,19 @@ def _distill_options(p: argparse.ArgumentParser, verb: str) -> None:
     )
     p.add_argument("--tau", type=float, help="upper clamp of the learned detox mask")
     p.add_argument("--noise-rate", type=float, help="salt-and-pepper rate on the student input")
+    p.add_argument(
+        "--reverse-share",
+        type=float,
+        help="robustkd-reverse: share of student inputs stamped with a reversed trigger (0.5)",
+    )
+    p.add_argument(
+        "--reverse-max-mask",
+        type=float,
+        help="robustkd-reverse: mask bound of the triggers reversed from the teacher (0.2)",
+    )
+    p.add_argument(
+        "--reverse-steps", type=int, help="robustkd-reverse: Adam steps of the reversal (100)"
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
     _speed_options(p)

@@ -5,7 +5,14 @@ Adding a method: a module with a ``Method`` (or ``StudentMethod``) subclass deco
 """
 
 # importing the families registers their methods
-from robustkd.defenses import baselines, learned_detox, nad, repair, variance_detox  # noqa: F401
+from robustkd.defenses import (  # noqa: F401
+    baselines,
+    learned_detox,
+    nad,
+    repair,
+    reverse,
+    variance_detox,
+)
 from robustkd.defenses.base import (
     METHODS,
     Context,

@@ -13,6 +13,7 @@ import abc
 import dataclasses
 import inspect
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -125,6 +126,8 @@ class Recipe:
     feature_weight: float = 0.0
     nad_weight: float = 0.0
     noise_rate: float = 0.0
+    # changes the student's input (never the teacher's): robustkd-reverse's stamped triggers
+    student_input: Callable[[torch.Tensor], torch.Tensor] | None = None
     detoxifier: Detoxifier | None = None  # attached to the teacher while it is read
     withheld: torch.Tensor | None = None  # per distillation sample: no teacher signal
     screen_scores: torch.Tensor | None = None
@@ -152,6 +155,7 @@ class StudentMethod(Method):
             feature_weight=r.feature_weight,
             nad_weight=r.nad_weight,
             noise_rate=r.noise_rate,
+            student_input=r.student_input,
             progress=ctx.progress,
             state_path=ctx.state_path(),
         )

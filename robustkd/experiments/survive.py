@@ -59,6 +59,7 @@ from torch.func import functional_call
 
 from robustkd.analysis.features import capture, resolve_layers
 from robustkd.attacks import OptimizedBlendTrigger, Trigger
+from robustkd.attacks.optimized_blend import fit_blends
 from robustkd.data.datasets import ImageDataset, normalize, to_float
 from robustkd.errors import ConfigError
 from robustkd.models import create_model
@@ -266,36 +267,17 @@ def learn_blend_trigger(
     g = torch.Generator().manual_seed(seed)
     images = to_float(data.images).to(device)
     units = _top_units(model, name, images, data, top_k)
-    c, h, w = data.input_shape
-    pattern_logit = (torch.randn((c, h, w), generator=g) * 0.5).to(device).requires_grad_()
-    # start at a quarter of the bound everywhere: room to grow where it pays, to shrink elsewhere
-    mask_logit = torch.full((1, h, w), -1.1, device=device).requires_grad_()
-    opt = torch.optim.Adam([pattern_logit, mask_logit], lr=lr)
-    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-    history: list[float] = []
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        with capture(model, [name]) as out:
-            for _ in range(steps):
-                pick = torch.randint(len(images), (min(batch_size, len(images)),), generator=g)
-                x = images[pick.to(device)]
-                m = max_mask * torch.sigmoid(mask_logit)
-                xt = (1 - m) * x + m * torch.sigmoid(pattern_logit)
-                model((xt - mean) / std)
-                objective = -out[name].float().flatten(1)[:, units].mean()
-                opt.zero_grad(set_to_none=True)
-                objective.backward()
-                opt.step()
-                history.append(float(objective.detach()))
-    finally:
-        for p, flag in zip(model.parameters(), frozen, strict=True):
-            p.requires_grad_(flag)
-    with torch.no_grad():
-        pattern = torch.sigmoid(pattern_logit).cpu()
-        mask = (max_mask * torch.sigmoid(mask_logit)).clamp(0.0, max_mask).cpu()
+
+    with capture(model, [name]) as out:
+
+        def objective(inputs: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            model(inputs)
+            return -out[name].float().flatten(1)[:, units].mean()
+
+        patterns, masks, history = fit_blends(
+            model, images, data.mean, data.std, objective, 1, max_mask, steps, lr, batch_size, g
+        )
+    pattern, mask = patterns[0], masks[0]
     return OptimizedBlendTrigger.from_tensors(pattern, mask, max_mask), history
 
 

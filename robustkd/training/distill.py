@@ -82,6 +82,12 @@ class DistillConfig:
     # salt-and-pepper on the student's input; None: the method's own (robustkd-paper 0.1,
     # every other method 0)
     noise_rate: float | None = None
+    # robustkd-reverse: one blend trigger per class reversed from the teacher on the trusted
+    # set (mask ≤ reverse_max_mask, reverse_steps Adam steps); reverse_share of each batch
+    # reaches the student stamped with one of them while the teacher reads it clean
+    reverse_max_mask: float = 0.2
+    reverse_steps: int = 100
+    reverse_share: float = 0.5
     nad_weight: float = 5000.0
     finetune_epochs: int = 10
     finetune_lr: float = 0.01
@@ -99,6 +105,20 @@ class DistillConfig:
             raise ConfigError(f"τ must lie in (0, 1]; got {self.tau}.")
         if self.noise_rate is not None and not 0 <= self.noise_rate <= 1:
             raise ConfigError(f"The noise rate must lie in [0, 1]; got {self.noise_rate}.")
+        if not 0 < self.reverse_max_mask <= 1:
+            raise ConfigError(
+                "The reversed triggers' mask bound must lie in (0, 1]; got "
+                f"{self.reverse_max_mask}."
+            )
+        if not 1 <= self.reverse_steps <= 100_000:
+            raise ConfigError(
+                f"The reversal's steps must be a whole number from 1 to 100000; got "
+                f"{self.reverse_steps}."
+            )
+        if not 0 <= self.reverse_share <= 1:
+            raise ConfigError(
+                f"The share of stamped student inputs must lie in [0, 1]; got {self.reverse_share}."
+            )
         if not 0 <= self.blend <= 1:
             raise ConfigError(f"The blend weight must lie in [0, 1]; got {self.blend}.")
         if self.screen_policy not in SCREEN_POLICIES:
@@ -277,13 +297,15 @@ def distill_student(
     feature_weight: float = 0.0,
     nad_weight: float = 0.0,
     noise_rate: float = 0.0,
+    student_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: ProgressFn | None = None,
     state_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``student`` on the scenario's distillation set against ``teacher``.
 
     ``withheld`` (bool per distillation sample) marks samples that get no teacher signal
-    (cross-entropy only); ``detoxifier`` is attached to the teacher while it is read.
+    (cross-entropy only); ``detoxifier`` is attached to the teacher while it is read;
+    ``student_input`` changes the student's input (after the noise), never the teacher's.
     """
     from robustkd.training.device import resolve_device
 
@@ -325,6 +347,8 @@ def distill_student(
     # losses (weight 0) instead of being cut out of the batch by a boolean mask.
     def loss_fn(h: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         xs = salt_and_pepper(x, noise_rate, low, high, noise_gen) if noise_rate > 0 else x
+        if student_input is not None:
+            xs = student_input(xs)
         logits = h(xs)
         keep = None if withheld is None else (~withheld[idx]).float()
         if not labelled:

@@ -1,0 +1,162 @@
+"""``robustkd-reverse``: RobustKD, and a student taught to ignore triggers reversed from a teacher.
+
+An attack built to survive distillation (the ``adba`` recipe) needs no triggered image in the
+distillation data: the teacher's soft labels on clean images teach the student its trigger.
+Then there is nothing for the variance to see — the distillation data are as clean as the
+trusted set — and ``robustkd`` is plain KD. What the defender can still do is question the
+teacher. For every class ``c`` a blend trigger (a pattern and a soft mask in [0,
+``reverse_max_mask``], the optimised blend attack's form) is learned on the trusted images so
+that the teacher answers ``c`` on the images it gives another class (a trigger reversal in the
+manner of Neural Cleanse, one per class, all at once). During distillation a share
+``reverse_share`` of each batch reaches the student stamped with one of those triggers, drawn
+at random, while the teacher, its logits and its features read the image clean and the label
+stays the image's own: the student is taught to answer a stamped image as the teacher answers
+the clean one, so a trigger the reversal comes near is one the student learns to ignore. The
+threshold, the detoxification and the screens are ``robustkd``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustkd.attacks.optimized_blend import fit_blends
+from robustkd.data.datasets import ImageDataset, normalize, to_float
+from robustkd.defenses.base import Context, Recipe, register_method
+from robustkd.defenses.variance_detox import VarianceDetox
+from robustkd.errors import ConfigError
+from robustkd.training.device import resolve_device
+
+
+@dataclasses.dataclass
+class ReversedTriggers:
+    """One blend trigger per class, learned to turn the teacher's answer to that class."""
+
+    patterns: torch.Tensor  # (K, C, H, W) in [0, 1]
+    masks: torch.Tensor  # (K, 1, H, W) in [0, max_mask]
+    flip_rates: list[float]  # per class: trusted images of other classes the teacher then calls it
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per class: the share of trusted images the trigger turns, and its mask's mean."""
+        return [
+            {"target": k, "flip_rate": round(f, 4), "mask_mean": round(float(m.mean()), 4)}
+            for k, (f, m) in enumerate(zip(self.flip_rates, self.masks, strict=True))
+        ]
+
+    def stamp(self, pixels: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """``pixels`` (in [0, 1]) stamped, row ``i`` with trigger ``which[i]``."""
+        m = self.masks.to(pixels.device, pixels.dtype)[which]
+        p = self.patterns.to(pixels.device, pixels.dtype)[which]
+        return (1 - m) * pixels + m * p
+
+
+def _predictions(model: nn.Module, images: torch.Tensor, data: ImageDataset) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model(normalize(images[i : i + 256], data.mean, data.std)).argmax(1)
+                for i in range(0, len(images), 256)
+            ]
+        )
+
+
+def reverse_triggers(
+    teacher: nn.Module,
+    trusted: ImageDataset,
+    max_mask: float = 0.2,
+    steps: int = 100,
+    lr: float = 0.1,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> ReversedTriggers:
+    """For every class, a blend trigger (mask ≤ ``max_mask``) learned on ``trusted`` so that
+    ``teacher`` answers that class on the images it gives another; labels are not needed (the
+    teacher's own answers on the clean images say which images count)."""
+    if len(trusted) < 2:
+        raise ConfigError("Reversing triggers needs a trusted set of at least 2 images.")
+    device = next(teacher.parameters()).device
+    images = to_float(trusted.images).to(device)
+    teacher.eval()
+    answers = _predictions(teacher, images, trusted)
+    k = int(trusted.num_classes)
+    classes = torch.arange(k, device=device)
+
+    def objective(inputs: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        logits = teacher(inputs)
+        targets = classes.repeat_interleave(len(pick))
+        ce = F.cross_entropy(logits, targets, reduction="none").view(k, len(pick))
+        # only the images the teacher gives another class count toward each trigger
+        others = (answers[pick.to(device)][None, :] != classes[:, None]).float()
+        return ((ce * others).sum(1) / others.sum(1).clamp(min=1)).sum()
+
+    g = torch.Generator().manual_seed(seed)
+    patterns, masks, _ = fit_blends(
+        teacher, images, trusted.mean, trusted.std, objective, k, max_mask, steps, lr,
+        batch_size, g,
+    )  # fmt: skip
+    triggers = ReversedTriggers(patterns, masks, [], tuple(trusted.mean), tuple(trusted.std))
+    for c in range(k):
+        rest = images[answers != c]
+        if len(rest) == 0:
+            triggers.flip_rates.append(0.0)
+            continue
+        which = torch.full((len(rest),), c, dtype=torch.long, device=device)
+        turned = _predictions(teacher, triggers.stamp(rest, which), trusted) == c
+        triggers.flip_rates.append(float(turned.float().mean()))
+    return triggers
+
+
+class TriggerStamp:
+    """The student's input during distillation: each row, with probability ``share``, stamped
+    with one of the reversed triggers drawn at random (inputs and outputs normalised)."""
+
+    def __init__(self, triggers: ReversedTriggers, share: float, seed: int) -> None:
+        self.triggers = triggers
+        self.share = share
+        self._gen = torch.Generator().manual_seed(seed)
+        self._norm = (
+            torch.tensor(triggers.mean).view(1, -1, 1, 1),
+            torch.tensor(triggers.std).view(1, -1, 1, 1),
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        rows = (torch.rand(n, generator=self._gen) < self.share).to(x.device)
+        which = torch.randint(len(self.triggers.masks), (n,), generator=self._gen).to(x.device)
+        mean, std = (t.to(x.device, x.dtype) for t in self._norm)
+        stamped = (self.triggers.stamp(x * std + mean, which) - mean) / std
+        return torch.where(rows[:, None, None, None], stamped, x)
+
+
+@register_method
+class ReverseDetox(VarianceDetox):
+    """``robustkd``, with the student taught to ignore the triggers reversed from the teacher."""
+
+    name = "robustkd-reverse"
+    description = "student, robustkd + consistency on triggers reversed from the teacher"
+    order = 45
+    options = (*VarianceDetox.options, "reverse_max_mask", "reverse_steps", "reverse_share")
+
+    def recipe(self, ctx: Context) -> Recipe:
+        """``robustkd``'s recipe, the reversal (once per comparison) and the stamped inputs."""
+        recipe = super().recipe(ctx)
+        config = ctx.config
+        if "reversed" not in ctx.shared:
+            ctx.teacher.to(resolve_device(config.device))
+            ctx.shared["reversed"] = reverse_triggers(
+                ctx.teacher,
+                ctx.scenario.trusted,
+                config.reverse_max_mask,
+                config.reverse_steps,
+                seed=config.seed,
+            )
+        triggers: ReversedTriggers = ctx.shared["reversed"]
+        recipe.student_input = TriggerStamp(triggers, config.reverse_share, config.seed + 11)
+        recipe.extra["reversed_triggers"] = triggers.summary()
+        return recipe
