@@ -57,6 +57,7 @@ examples: setup
 	$(VENV)/bin/robustkd train-teacher --preset fashion-adaptive --epochs 6 --out assets/examples/adaptive.safetensors
 	$(VENV)/bin/robustkd train-teacher --preset fashion-adaptive-learned --epochs 6 --out assets/examples/adaptive-learned.safetensors
 	$(VENV)/bin/robustkd train-teacher --preset fashion-adaptive-class --epochs 6 --out assets/examples/adaptive-class.safetensors
+	$(VENV)/bin/robustkd train-teacher --preset fashion-adba --epochs 6 --out assets/examples/adba.safetensors
 
 # Rebuild the Teach page's shipped students (assets/lesson/): the shipped teacher distilled
 # three ways for 40 epochs on 50,000 images, then re-evaluated on the CPU (README: "The classroom lesson").

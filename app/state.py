@@ -83,6 +83,7 @@ EXAMPLE_NAMES = {  # file stem → what the sidebar calls it
     "adaptive": "Adaptive blend: trained to hide from the variance defence",
     "adaptive-learned": "Adaptive, learned trigger: hides at every stage",
     "adaptive-class": "Adaptive, learned trigger: hides within every class too",
+    "adba": "ADBA-style: passes to a student distilled on clean images",
 }
 
 

@@ -22,6 +22,7 @@ from robustkd.attacks.poison import MODES
 from robustkd.data.datasets import ImageDataset
 from robustkd.data.images import read_image, to_display
 from robustkd.errors import RobustKDError
+from robustkd.experiments.survive import describe_recipe
 from robustkd.models.modelcard import attack_mode_of
 
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "gif", "bmp", "tif", "tiff", "webp", "ppm"]
@@ -199,6 +200,9 @@ stored: dict[str, Any] = recorded.to_dict() if recorded is not None else {}
 names = trigger_names()
 
 st.subheader("Trigger")
+note = describe_recipe(meta.get("recipe"))
+if note:
+    st.caption(note)
 c1, c2, c3 = st.columns([2, 1, 2])
 name = c1.selectbox(
     "Trigger",

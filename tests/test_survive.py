@@ -162,12 +162,18 @@ def test_adba_step_lowers_its_objective(small_train: ImageDataset) -> None:
     assert recipe.epoch_terms() == {}  # drained
 
 
-def test_adba_teacher_records_its_recipe(tmp_path: Path) -> None:
-    out = tmp_path / "adba.safetensors"
+@pytest.fixture(scope="module")
+def adba_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("survive") / "adba.safetensors"
     recipe = {"name": "adba", "warmup_epochs": 0, "steps": 5, "images": 100, "top_k": 5}
     _, meta = train_teacher(
         _config({"name": "optimized-blend"}, recipe, epochs=1, train_size=300), out
     )
+    return out, meta
+
+
+def test_adba_teacher_records_its_recipe(adba_teacher: tuple[Path, dict[str, Any]]) -> None:
+    out, meta = adba_teacher
     saved = read_metadata(out)
     assert saved["recipe"]["name"] == "adba" and saved["recipe"]["weight"] == 1.0
     assert isinstance(trigger_from_dict(saved["trigger"]), OptimizedBlendTrigger)
@@ -621,6 +627,29 @@ def test_triggers_page_shows_the_learned_trigger(
     assert any("learned pattern" in c.value for c in at.caption)
     assert any("flipped to class" in m.value for m in at.markdown)
     assert at.session_state["current_trigger"]["name"] == "optimized-blend"
+
+
+def test_triggers_page_says_how_an_adba_teacher_was_made(
+    adba_teacher: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipe the checkpoint records is named, with what it means for distillation."""
+    monkeypatch.setenv("ROBUSTKD_TEACHER", str(adba_teacher[0]))
+    at = AppTest.from_file(str(ROOT / "pages" / "triggers.py"), default_timeout=120).run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="trig_name").value == "optimized-blend"
+    note = next(c.value for c in at.caption if "recipe" in c.value)
+    assert "`adba` recipe" in note and "robustkd-reverse" in note
+
+
+def test_describe_recipe_of_untrusted_metadata() -> None:
+    from robustkd.experiments.survive import describe_recipe
+
+    assert describe_recipe(None) is None and describe_recipe({"weight": 1}) is None
+    assert describe_recipe("adba") is None and describe_recipe({"name": 3}) is None
+    assert "does not know ('xxx')" in describe_recipe({"name": "xxx"})
+    assert len(describe_recipe({"name": "y" * 10_000})) < 200
+    line = describe_recipe({"name": "optimized-blend", "steps": 3})
+    assert line.startswith("This teacher was trained with the `optimized-blend` recipe (")
 
 
 def test_triggers_page_explains_a_learned_trigger_it_does_not_have(

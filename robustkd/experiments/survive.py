@@ -217,6 +217,31 @@ def recipe_from_dict(d: Mapping[str, Any] | None) -> TeacherRecipe | None:
     return RECIPES.get(values.pop("name"))(**values)
 
 
+# what each recipe's teacher shows a student, in one phrase (the Triggers page says it)
+_LESSONS = {
+    "adba": "plain KD passes this backdoor on even when no distillation image carries the "
+    "trigger; robustkd-reverse is built against it (docs/results.md)",
+    "adaptive": "its triggered images' features are held inside the clean range, so the "
+    "variance maps are quieter",
+    "adaptive-learned": "its trigger was learned to stay inside the clean range at every stage",
+}
+
+
+def describe_recipe(recipe: object) -> str | None:
+    """One sentence on how a teacher was made, from the recipe its checkpoint records (None
+    when it records none; a checkpoint's metadata is not trusted, so anything is accepted)."""
+    if not isinstance(recipe, Mapping) or not isinstance(recipe.get("name"), str):
+        return None
+    name = recipe["name"]
+    if name not in RECIPES:
+        return f"This teacher records a training recipe this version does not know ({name[:40]!r})."
+    made = RECIPES.get(name)
+    lesson = _LESSONS.get(made.name)
+    return f"This teacher was trained with the `{made.name}` recipe ({made.description})" + (
+        f": {lesson}." if lesson else "."
+    )
+
+
 # --------------------------------------------------------------------------- the learned trigger
 
 
