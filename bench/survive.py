@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.results import _cell, _robustkd
 
-METHODS = "scratch,feature-kd,robustkd,robustkd-paper,nad,fine-pruning"
+METHODS = "scratch,feature-kd,robustkd,robustkd-reverse,robustkd-paper,nad,fine-pruning"
 SCENARIOS = ("clean", "untrusted")
 TEACHER_EPOCHS = 6  # as bench.results' extra teachers
 
