@@ -21,6 +21,7 @@ RECIPES = {
     "adaptive": "adaptive",
     "adaptive-learned": "adaptive-learned",
     "adaptive-class": "adaptive-learned",  # scope=class
+    "adba": "adba",
 }
 
 
