@@ -11,6 +11,7 @@ import torch
 from robustkd.attacks.optimized_blend import fit_blends
 from robustkd.data.datasets import normalize, to_float
 from robustkd.defenses.reverse import ReversedTriggers, TriggerStamp, reverse_triggers
+from robustkd.errors import ConfigError
 from robustkd.models import create_model
 from robustkd.models.checkpoints import load_checkpoint
 from robustkd.training.distill import DistillConfig, distill_student
@@ -119,3 +120,11 @@ def test_cli_runs_robustkd_reverse_and_refuses_a_bad_share(tiny_teacher: Path, t
     m = report["methods"]["robustkd-reverse"]
     assert len(m["reversed_triggers"]) == 10
     assert report["config"]["reverse_share"] == 0.3 and report["config"]["reverse_steps"] == 5
+
+
+def test_reversal_refuses_a_teacher_of_too_many_classes(scenario) -> None:
+    """One trigger per class: a 1,000-class teacher (one trained elsewhere, say) is refused in
+    one sentence rather than run out of memory."""
+    wide = create_model("small-cnn-student", num_classes=1000, in_channels=1, image_size=28)
+    with pytest.raises(ConfigError, match="at most 100"):
+        reverse_triggers(wide, scenario.trusted, steps=1)

@@ -24,12 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustkd.analysis.metrics import predict
 from robustkd.attacks.optimized_blend import fit_blends
-from robustkd.data.datasets import ImageDataset, normalize, to_float
+from robustkd.data.datasets import ImageDataset, to_float
 from robustkd.defenses.base import Context, Recipe, register_method
 from robustkd.defenses.variance_detox import VarianceDetox
 from robustkd.errors import ConfigError
 from robustkd.training.device import resolve_device
+
+# ten triggers are learned in one batch of ten times the images; a thousand would not fit
+MAX_CLASSES = 100
 
 
 @dataclasses.dataclass
@@ -56,16 +60,6 @@ class ReversedTriggers:
         return (1 - m) * pixels + m * p
 
 
-def _predictions(model: nn.Module, images: torch.Tensor, data: ImageDataset) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model(normalize(images[i : i + 256], data.mean, data.std)).argmax(1)
-                for i in range(0, len(images), 256)
-            ]
-        )
-
-
 def reverse_triggers(
     teacher: nn.Module,
     trusted: ImageDataset,
@@ -83,8 +77,14 @@ def reverse_triggers(
     device = next(teacher.parameters()).device
     images = to_float(trusted.images).to(device)
     teacher.eval()
-    answers = _predictions(teacher, images, trusted)
-    k = int(trusted.num_classes)
+    # the teacher's own classes (a teacher trained elsewhere may answer more than the data name)
+    probs = predict(teacher, images, trusted.mean, trusted.std, return_probs=True)
+    answers, k = probs.argmax(1).to(device), int(probs.shape[1])
+    if k > MAX_CLASSES:
+        raise ConfigError(
+            f"robustkd-reverse learns one trigger per class, at most {MAX_CLASSES}; this teacher "
+            f"answers {k} classes. Use robustkd for it."
+        )
     classes = torch.arange(k, device=device)
 
     def objective(inputs: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,8 @@ def reverse_triggers(
             triggers.flip_rates.append(0.0)
             continue
         which = torch.full((len(rest),), c, dtype=torch.long, device=device)
-        turned = _predictions(teacher, triggers.stamp(rest, which), trusted) == c
+        stamped = triggers.stamp(rest, which)
+        turned = predict(teacher, stamped, trusted.mean, trusted.std) == c
         triggers.flip_rates.append(float(turned.float().mean()))
     return triggers
 
