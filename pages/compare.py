@@ -15,6 +15,7 @@ import streamlit as st
 from app.charts import show_chart
 from app.state import load_model, runs_root, show_error
 from robustkd.analysis.profiling import latency_per_image, report_rows
+from robustkd.defenses.reverse import ReversedTriggers
 from robustkd.errors import RobustKDError, redact_paths
 from robustkd.models.checkpoints import read_metadata
 from robustkd.models.modelcard import input_shape_of
@@ -84,13 +85,18 @@ def _teacher_file(run: Run | None) -> Path | None:
     return Path(teacher) if isinstance(teacher, str) and teacher else None
 
 
-def _classes(report: dict, run: Run) -> list[str] | None:
+def _recorded(report: dict, run: Run) -> dict:
+    """The metadata the run's first readable checkpoint records (classes, target …)."""
     for row in report["methods"].values():
         try:
-            return list(read_metadata(_checkpoint(run, row)).get("classes") or []) or None
+            return read_metadata(_checkpoint(run, row))
         except (RobustKDError, KeyError, OSError):
             continue
-    return None
+    return {}
+
+
+def _classes(report: dict, run: Run) -> list[str] | None:
+    return list(_recorded(report, run).get("classes") or []) or None
 
 
 def table_rows(report: dict, run: Run | None = None) -> list[dict]:
@@ -175,6 +181,56 @@ def show_screening(run: Run, method: str, row: dict) -> None:
     )
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _reversed(path: str, mtime: float) -> tuple[np.ndarray, list[float], float]:
+    """The pictures, flip rates and mask bound of a run's reversed triggers (checked)."""
+    triggers = ReversedTriggers.load(path)
+    return triggers.pictures(), triggers.flip_rates, float(triggers.masks.max())
+
+
+def show_reversed_triggers(run: Run, method: str, row: dict, report: dict) -> None:
+    """The trigger reversed from the teacher for each class: what it adds, how often it turns
+    the teacher, with the recorded target marked."""
+    try:
+        name = validate_name(Path(str(row["triggers_file"])).name, "reversed-triggers file")
+        if not name.endswith("-triggers.npz"):
+            raise ValueError(name)
+        path = run.path / name
+        pictures, rates, bound = _reversed(str(path), path.stat().st_mtime)
+    except RobustKDError as exc:
+        show_error(exc)
+        return
+    except (OSError, ValueError):
+        show_error(
+            RobustKDError(
+                f"The reversed triggers of {method} in run {run.id} are missing; relaunch the "
+                "comparison to write them again."
+            )
+        )
+        return
+    recorded = _recorded(report, run)
+    classes = list(recorded.get("classes") or [])
+    target = recorded.get("target") if report["scenario"].get("trigger_known") else None
+    st.subheader(f"Triggers reversed from the teacher — {method}")
+    st.caption(
+        "One blend trigger per class, learned on the trusted images to turn the teacher's "
+        "answer to that class (mask at most "
+        f"{bound:.2f}); each picture is what it adds to a black image, brightened to its own "
+        "peak. The student is taught to answer images stamped with them as the teacher answers "
+        "the clean ones. A class whose trigger turns nearly every image is one a backdoor "
+        "could target — but natural classes can be easy to reach too."
+    )
+    cols = st.columns(min(len(pictures), 10))
+    for k, picture in enumerate(pictures):
+        label = classes[k] if k < len(classes) else f"class {k}"
+        mark = " · recorded target" if target == k else ""
+        cols[k % len(cols)].image(
+            picture[..., 0] if picture.shape[-1] == 1 else picture,
+            caption=f"{k} {label} · turns {100 * rates[k]:.0f} %{mark}",
+            width="stretch",
+        )
+
+
 def show_run(run: Run) -> None:
     st.header(run.id)
     try:
@@ -214,6 +270,8 @@ def show_run(run: Run) -> None:
     for method, row in report["methods"].items():
         if isinstance(row, dict) and row.get("screen_csv"):
             show_screening(run, method, row)
+        if isinstance(row, dict) and row.get("triggers_file"):
+            show_reversed_triggers(run, method, row, report)
     files = [(name, mime, _report_reader(run.path / name)) for name, mime in REPORT_FILES]
     files += [
         (f"{fig}.html", "text/html", _standalone_figure(run.path / "figures" / f"{fig}.html"))

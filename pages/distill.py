@@ -168,6 +168,18 @@ with st.form("launch"):
         "class the way the disputed ones do, get cross-entropy only too. Catches an adaptive "
         "trigger whose features stay inside the clean range of all images, or of each class.",
     )
+    reverse_share = st.number_input(
+        "robustkd-reverse: share of each batch stamped",
+        0.0,
+        1.0,
+        0.5,
+        step=0.05,
+        format="%.2f",
+        help="robustkd-reverse learns one trigger per class from the teacher on the trusted "
+        "images; this share of each batch reaches the student stamped with one of them, "
+        "taught to answer it as the teacher answers the clean image. More costs clean "
+        "accuracy; less leaves more of a backdoor that reaches the student through clean data.",
+    )
     devices = ["auto", "cpu"] + (["cuda"] if resolve_device("auto").type == "cuda" else [])
     gpus = distributed.gpu_count()
     c1, c2, c3 = st.columns(3)
@@ -198,6 +210,7 @@ if launched:
             "distill_size": int(distill_size), "trusted_size": int(trusted_size),
             "threshold": threshold or None, "tau": tau, "noise_rate": noise,
             "seed": int(seed), "device": device, "no_label_screen": not label_screen,
+            "reverse_share": reverse_share if "robustkd-reverse" in methods else None,
             "nproc": int(nproc) if int(nproc) > 1 and device != "cpu" else None,
             "compile": None if compile_mode == "off" else compile_mode,
             **teacher_flags(teacher_options()),

@@ -59,7 +59,9 @@ def test_teacher_steps_never_wait_for_the_gpu(small_train: ImageDataset) -> None
     assert watch.checked_steps >= 2 * 7
 
 
-def test_robustkd_distillation_steps_never_wait_for_the_gpu(tiny_teacher: Path) -> None:
+@pytest.mark.parametrize("method", ["robustkd", "robustkd-reverse"])
+def test_robustkd_distillation_steps_never_wait_for_the_gpu(tiny_teacher: Path, method) -> None:
+    """Also with the stamped copies of robustkd-reverse, drawn on the host at a fixed count."""
     teacher, meta = load_checkpoint(tiny_teacher)
     scenario = build_scenario(
         "untrusted", meta, rate=0.2, distill_size=600, trusted_size=200, test_size=200
@@ -67,7 +69,7 @@ def test_robustkd_distillation_steps_never_wait_for_the_gpu(tiny_teacher: Path) 
     config = DistillConfig(epochs=1, batch_size=64, device="cuda", eval_size=100, noise_rate=0.1)
     watch = _NoSyncInsideEpochs()
     try:
-        result = run_method("robustkd", teacher, meta, scenario, config, progress=watch)
+        result = run_method(method, teacher, meta, scenario, config, progress=watch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert watch.checked_steps >= 7 and result.metrics["flagged_samples"] is not None

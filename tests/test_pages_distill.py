@@ -127,3 +127,22 @@ def test_several_gpus_offer_data_parallel_processes(
     run = list_runs(tmp_path / "runs")[0]
     argv = run.config["argv"]
     assert argv[argv.index("--nproc") + 1] == "2"
+
+
+def test_the_reverse_share_reaches_robustkd_reverse(page: AppTest, tmp_path: Path) -> None:
+    """The share of stamped copies set on the page is the one the run uses, and only a run
+    with robustkd-reverse is given it."""
+    _fill(page)
+    share = next(w for w in page.number_input if w.label.startswith("robustkd-reverse"))
+    assert share.value == 0.5
+    share.set_value(0.25)
+    next(m for m in page.multiselect if m.label == "Methods").set_value(["robustkd-reverse"])
+    next(b for b in page.button if b.label == "Launch").click().run()
+    assert not page.exception
+    run = list_runs(tmp_path / "runs")[0]
+    argv = run.config["argv"]
+    assert argv[argv.index("--reverse-share") + 1] == "0.25"
+    assert _wait(tmp_path / "runs", ("done", "failed"))["state"] == "done"
+    report = json.loads((run.path / "report.json").read_text())
+    assert report["config"]["reverse_share"] == 0.25
+    assert len(report["methods"]["robustkd-reverse"]["reversed_triggers"]) == 10

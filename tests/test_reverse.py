@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from streamlit.testing.v1 import AppTest
 
 from robustkd.attacks.optimized_blend import fit_blends
 from robustkd.data.datasets import normalize, to_float
 from robustkd.defenses.reverse import ReversedTriggers, TriggerStamp, reverse_triggers
-from robustkd.errors import ConfigError
+from robustkd.errors import ConfigError, DataError
+from robustkd.experiments.compare import compare
 from robustkd.models import create_model
 from robustkd.models.checkpoints import load_checkpoint
+from robustkd.runs.store import Run
 from robustkd.training.distill import DistillConfig, distill_student
 from robustkd.training.scenarios import build_scenario
+from tests.conftest import ROOT
 from tests.helpers import run_cli
 
 TINY = {"distill_size": 200, "trusted_size": 100, "test_size": 100}
@@ -119,6 +124,11 @@ def test_cli_runs_robustkd_reverse_and_refuses_a_bad_share(tiny_teacher: Path, t
     report = json.loads((out / "report.json").read_text())
     m = report["methods"]["robustkd-reverse"]
     assert len(m["reversed_triggers"]) == 10
+    # the triggers themselves are kept beside the report
+    assert m["triggers_file"] == "robustkd-reverse-triggers.npz"
+    kept = ReversedTriggers.load(out / m["triggers_file"])
+    expected = [t["flip_rate"] for t in m["reversed_triggers"]]
+    assert kept.flip_rates == pytest.approx(expected, abs=1e-4)
     assert report["config"]["reverse_share"] == 0.3 and report["config"]["reverse_steps"] == 5
 
 
@@ -128,3 +138,86 @@ def test_reversal_refuses_a_teacher_of_too_many_classes(scenario) -> None:
     wide = create_model("small-cnn-student", num_classes=1000, in_channels=1, image_size=28)
     with pytest.raises(ConfigError, match="at most 100"):
         reverse_triggers(wide, scenario.trusted, steps=1)
+
+
+def test_reversed_triggers_round_trip_and_pictures(tmp_path: Path) -> None:
+    found = _triggers()
+    path = found.save(tmp_path / "t-triggers.npz")
+    back = ReversedTriggers.load(path)
+    assert torch.equal(back.patterns, found.patterns) and torch.equal(back.masks, found.masks)
+    assert back.flip_rates == found.flip_rates and back.mean == found.mean
+    pictures = back.pictures()
+    assert pictures.dtype == np.uint8 and pictures.shape == (2, 4, 4, 1)
+    assert int(pictures[0].max()) == 255  # brightened to its own peak
+    assert int(pictures[1].max()) == 0  # a black pattern adds nothing
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {"patterns": np.zeros((2, 1, 4, 4), np.float32)},  # keys missing
+        {  # a mask beyond [0, 1]
+            "patterns": np.zeros((2, 1, 4, 4), np.float32),
+            "masks": np.full((2, 1, 4, 4), 2.0, np.float32),
+            "flip_rates": np.zeros(2, np.float32),
+            "mean": np.zeros(1, np.float32),
+            "std": np.ones(1, np.float32),
+        },
+        {  # masks for a different image size
+            "patterns": np.zeros((2, 1, 4, 4), np.float32),
+            "masks": np.zeros((2, 1, 5, 5), np.float32),
+            "flip_rates": np.zeros(2, np.float32),
+            "mean": np.zeros(1, np.float32),
+            "std": np.ones(1, np.float32),
+        },
+        {  # an object array would need a pickle to read
+            "patterns": np.array([{"x": 1}], dtype=object),
+            "masks": np.zeros((1, 1, 4, 4), np.float32),
+            "flip_rates": np.zeros(1, np.float32),
+            "mean": np.zeros(1, np.float32),
+            "std": np.ones(1, np.float32),
+        },
+    ],
+)
+def test_a_malformed_triggers_file_is_refused_in_one_sentence(tmp_path: Path, arrays) -> None:
+    path = tmp_path / "x-triggers.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="run robustkd-reverse again"):
+        ReversedTriggers.load(path)
+    (tmp_path / "junk-triggers.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="run robustkd-reverse again"):
+        ReversedTriggers.load(tmp_path / "junk-triggers.npz")
+
+
+def test_compare_page_shows_the_reversed_triggers(
+    teacher, scenario, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished robustkd-reverse run shows one picture per class with its flip rate, the
+    recorded target marked; a damaged file gives one sentence, not a traceback."""
+    model, meta = teacher
+    root = tmp_path / "runs"
+    monkeypatch.setenv("ROBUSTKD_TEACHER", str(tiny_teacher))
+    monkeypatch.setenv("ROBUSTKD_RUNS", str(root))
+    config = DistillConfig(epochs=1, batch_size=64, device="cpu", eval_size=50, reverse_steps=5)
+    run = Run.create(root, "compare", {"methods": ["robustkd-reverse"]})
+    run.start(epochs=1)
+    run.finish(compare(model, meta, scenario, ["robustkd-reverse"], config, run))
+    rates = run.report()["methods"]["robustkd-reverse"]["reversed_triggers"]
+
+    app = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=120)
+    app.run()
+    app.switch_page(str(ROOT / "pages" / "compare.py")).run()
+    assert not app.exception and not app.error
+    assert any(s.value == "Triggers reversed from the teacher — robustkd-reverse"
+               for s in app.subheader)  # fmt: skip
+    shown = [e for e in app.main if type(e).__name__ == "Image"]
+    captions = [c for e in shown for c in e.captions if " · turns " in c]
+    assert len(captions) == 10
+    assert captions[0].startswith("0 ") and "recorded target" in captions[0]
+    assert sum("recorded target" in c for c in captions) == 1
+    assert f"turns {100 * rates[3]['flip_rate']:.0f} %" in captions[3]
+
+    (run.path / "robustkd-reverse-triggers.npz").write_bytes(b"damaged")
+    app.run()
+    assert not app.exception
+    assert any("run robustkd-reverse again" in e.value for e in app.error)

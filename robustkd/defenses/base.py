@@ -25,6 +25,7 @@ from robustkd.registry import Registry
 from robustkd.training.config import ProgressFn
 from robustkd.training.distill import (
     DistillConfig,
+    Found,
     MethodResult,
     distill_student,
     final_metrics,
@@ -68,6 +69,7 @@ class Trained:
     detoxifier: Detoxifier | None = None
     screen_scores: torch.Tensor | None = None
     withheld: torch.Tensor | None = None
+    found: Found | None = None
 
 
 class Method(abc.ABC):
@@ -110,6 +112,7 @@ class Method(abc.ABC):
             out.detoxifier,
             out.screen_scores,
             out.withheld,
+            out.found,
         )
 
     @abc.abstractmethod
@@ -131,6 +134,7 @@ class Recipe:
     detoxifier: Detoxifier | None = None  # attached to the teacher while it is read
     withheld: torch.Tensor | None = None  # per distillation sample: no teacher signal
     screen_scores: torch.Tensor | None = None
+    found: Found | None = None  # kept in the run folder: robustkd-reverse's triggers
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -159,7 +163,9 @@ class StudentMethod(Method):
             progress=ctx.progress,
             state_path=ctx.state_path(),
         )
-        return Trained(student, history, r.extra, r.detoxifier, r.screen_scores, r.withheld)
+        return Trained(
+            student, history, r.extra, r.detoxifier, r.screen_scores, r.withheld, r.found
+        )
 
     @abc.abstractmethod
     def recipe(self, ctx: Context) -> Recipe:

@@ -18,18 +18,22 @@ threshold, the detoxification and the screens are ``robustkd``'s.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robustkd.analysis.metrics import predict
+from robustkd.atomic import atomic_write
 from robustkd.attacks.optimized_blend import fit_blends
 from robustkd.data.datasets import ImageDataset, to_float
 from robustkd.defenses.base import Context, Recipe, register_method
 from robustkd.defenses.variance_detox import VarianceDetox
-from robustkd.errors import ConfigError
+from robustkd.errors import ConfigError, DataError
 from robustkd.training.device import resolve_device
 
 # ten triggers are learned in one batch of ten times the images; a thousand would not fit
@@ -52,6 +56,66 @@ class ReversedTriggers:
             {"target": k, "flip_rate": round(f, 4), "mask_mean": round(float(m.mean()), 4)}
             for k, (f, m) in enumerate(zip(self.flip_rates, self.masks, strict=True))
         ]
+
+    def save(self, path: str | Path) -> Path:
+        """Patterns, masks, flip rates and normalisation as an ``.npz`` (no pickles), atomically."""
+        arrays = {
+            "patterns": self.patterns.detach().cpu().float().numpy(),
+            "masks": self.masks.detach().cpu().float().numpy(),
+            "flip_rates": np.asarray(self.flip_rates, dtype=np.float32),
+            "mean": np.asarray(self.mean, dtype=np.float32),
+            "std": np.asarray(self.std, dtype=np.float32),
+        }
+        return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReversedTriggers:
+        """What ``save`` wrote; anything else is refused in one sentence (a run folder is
+        untrusted input: every array's dtype, shape and range is checked)."""
+        name = Path(path).name
+        keys = ("patterns", "masks", "flip_rates", "mean", "std")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                a = {k: np.asarray(npz[k]) for k in keys}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(
+                f"{name} is missing or is not a file of reversed triggers ({type(exc).__name__}); "
+                "run robustkd-reverse again to write it."
+            ) from exc
+        p, m, f = a["patterns"], a["masks"], a["flip_rates"]
+        ok = (
+            all(v.dtype == np.float32 for v in a.values())
+            and p.ndim == 4
+            and 1 <= len(p) <= MAX_CLASSES
+            and m.shape == (len(p), 1, *p.shape[2:])
+            and f.shape == (len(p),)
+            and a["mean"].shape == a["std"].shape == (p.shape[1],)
+            and all(np.isfinite(v).all() for v in a.values())
+            and 0 <= p.min() <= p.max() <= 1
+            and 0 <= m.min() <= m.max() <= 1
+            and 0 <= f.min() <= f.max() <= 1
+            and bool((a["std"] > 0).all())
+        )
+        if not ok:
+            raise DataError(
+                f"{name} holds arrays of the wrong type, shape or range for reversed triggers; "
+                "run robustkd-reverse again to write it."
+            )
+        return cls(
+            torch.from_numpy(p),
+            torch.from_numpy(m),
+            [float(v) for v in f],
+            tuple(float(v) for v in a["mean"]),
+            tuple(float(v) for v in a["std"]),
+        )
+
+    def pictures(self) -> np.ndarray:
+        """Per class, what its trigger adds to a black image (mask × pattern), each scaled to
+        its own brightest pixel so that a faint one shows: uint8, (K, H, W, C)."""
+        added = (self.masks * self.patterns).detach().cpu().float()
+        peak = added.flatten(1).amax(1).clamp(min=1e-8).view(-1, 1, 1, 1)
+        scaled = (added / peak * 255).round().clamp(0, 255).to(torch.uint8)
+        return scaled.permute(0, 2, 3, 1).numpy()
 
     def stamp(self, pixels: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """``pixels`` (in [0, 1]) stamped, row ``i`` with trigger ``which[i]``."""
@@ -159,5 +223,6 @@ class ReverseDetox(VarianceDetox):
             )
         triggers: ReversedTriggers = ctx.shared["reversed"]
         recipe.student_input = TriggerStamp(triggers, config.reverse_share, config.seed + 11)
+        recipe.found = triggers  # kept in the run folder (METHOD-triggers.npz), shown by the app
         recipe.extra["reversed_triggers"] = triggers.summary()
         return recipe

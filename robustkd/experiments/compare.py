@@ -100,7 +100,11 @@ def compare(
     for method in methods:
         if method in previous:  # finished before the interruption
             row = dict(previous[method])
-            for key, folder in (("checkpoint", "checkpoints/"), ("screen_csv", "")):
+            for key, folder in (
+                ("checkpoint", "checkpoints/"),
+                ("screen_csv", ""),
+                ("triggers_file", ""),
+            ):
                 if row.get(key):  # a report of an older version held absolute paths
                     row[key] = folder + Path(str(row[key])).name
             report["methods"][method] = row
@@ -156,6 +160,8 @@ def compare(
             row["screen_csv"] = write_screen(
                 run.path, method, scenario, result.screen_scores, result.withheld
             ).name
+        if result.found is not None:
+            row["triggers_file"] = result.found.save(run.path / f"{method}-triggers.npz").name
         write_report(run.path, report)
         for state in run.checkpoints_dir.glob(f"{method}*.state.pt"):  # done: not needed again
             state.unlink()

@@ -47,6 +47,13 @@ class TeacherFilter(Protocol):
     def attach(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]: ...
 
 
+class Found(Protocol):
+    """What a method found in the teacher that a run folder keeps beside the report
+    (``robustkd-reverse``'s reversed triggers)."""
+
+    def save(self, path: str | Path) -> Path: ...
+
+
 SCREEN_POLICIES = ("ce-only", "drop")
 
 
@@ -170,6 +177,7 @@ class MethodResult:
     # robustkd's sample screen: per distillation sample, its score and whether it was withheld
     screen_scores: torch.Tensor | None = None
     withheld: torch.Tensor | None = None
+    found: Found | None = None
 
 
 # --------------------------------------------------------------------------- helpers
