@@ -189,6 +189,16 @@ def test_a_malformed_triggers_file_is_refused_in_one_sentence(tmp_path: Path, ar
         ReversedTriggers.load(tmp_path / "junk-triggers.npz")
 
 
+def test_a_triggers_file_too_large_unpacked_is_refused(tmp_path: Path, monkeypatch) -> None:
+    import robustkd.defenses.reverse as reverse
+
+    ok = _triggers().save(tmp_path / "ok-triggers.npz")
+    assert ReversedTriggers.load(ok).flip_rates == [1.0, 0.5]
+    monkeypatch.setattr(reverse, "MAX_FILE_BYTES", 100)  # sizes are read before unpacking
+    with pytest.raises(DataError, match="run robustkd-reverse again"):
+        ReversedTriggers.load(ok)
+
+
 def test_compare_page_shows_the_reversed_triggers(
     teacher, scenario, tiny_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -38,6 +38,8 @@ from robustkd.training.device import resolve_device
 
 # ten triggers are learned in one batch of ten times the images; a thousand would not fit
 MAX_CLASSES = 100
+# a saved set of reversed triggers, unpacked: 100 classes of 3×224×224 float32 is 77 MB
+MAX_FILE_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass
@@ -75,6 +77,9 @@ class ReversedTriggers:
         name = Path(path).name
         keys = ("patterns", "masks", "flip_rates", "mean", "std")
         try:
+            with zipfile.ZipFile(path) as z:  # sizes first: nothing huge is unpacked
+                if sum(i.file_size for i in z.infolist()) > MAX_FILE_BYTES:
+                    raise ValueError("too large")
             with np.load(path, allow_pickle=False) as npz:
                 a = {k: np.asarray(npz[k]) for k in keys}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
