@@ -95,10 +95,6 @@ def _recorded(report: dict, run: Run) -> dict:
     return {}
 
 
-def _classes(report: dict, run: Run) -> list[str] | None:
-    return list(_recorded(report, run).get("classes") or []) or None
-
-
 def table_rows(report: dict, run: Run | None = None) -> list[dict]:
     """The cost table with the agreement column; ASR reads "unknown" when no trigger is known."""
     folder = run.path if run is not None else None
@@ -188,7 +184,7 @@ def _reversed(path: str, mtime: float) -> tuple[np.ndarray, list[float], float]:
     return triggers.pictures(), triggers.flip_rates, float(triggers.masks.max())
 
 
-def show_reversed_triggers(run: Run, method: str, row: dict, report: dict) -> None:
+def show_reversed_triggers(run: Run, method: str, row: dict, report: dict, recorded: dict) -> None:
     """The trigger reversed from the teacher for each class: what it adds, how often it turns
     the teacher, with the recorded target marked."""
     try:
@@ -208,7 +204,6 @@ def show_reversed_triggers(run: Run, method: str, row: dict, report: dict) -> No
             )
         )
         return
-    recorded = _recorded(report, run)
     classes = list(recorded.get("classes") or [])
     target = recorded.get("target") if report["scenario"].get("trigger_known") else None
     st.subheader(f"Triggers reversed from the teacher — {method}")
@@ -241,7 +236,8 @@ def show_run(run: Run) -> None:
         info = report["scenario"]
         rows = table_rows(report, run)
         bars = acc_asr_bars(report)
-        per_class = per_class_bars(report, _classes(report, run))
+        recorded = _recorded(report, run)  # read once: the chart and the triggers use it
+        per_class = per_class_bars(report, list(recorded.get("classes") or []) or None)
         curves = {key: training_curves(report, key) for key in ("test_asr", "test_acc")}
     except (RobustKDError, KeyError, TypeError) as exc:
         show_error(
@@ -271,7 +267,7 @@ def show_run(run: Run) -> None:
         if isinstance(row, dict) and row.get("screen_csv"):
             show_screening(run, method, row)
         if isinstance(row, dict) and row.get("triggers_file"):
-            show_reversed_triggers(run, method, row, report)
+            show_reversed_triggers(run, method, row, report, recorded)
     files = [(name, mime, _report_reader(run.path / name)) for name, mime in REPORT_FILES]
     files += [
         (f"{fig}.html", "text/html", _standalone_figure(run.path / "figures" / f"{fig}.html"))

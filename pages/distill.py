@@ -35,6 +35,7 @@ from robustkd.runs.store import (
 from robustkd.training import distributed
 from robustkd.training.config import COMPILE_MODES
 from robustkd.training.device import resolve_device
+from robustkd.training.distill import DistillConfig
 from robustkd.training.scenarios import SCENARIOS
 from robustkd.viz.figures import run_curves
 
@@ -172,7 +173,7 @@ with st.form("launch"):
         "robustkd-reverse: share of each batch stamped",
         0.0,
         1.0,
-        0.5,
+        DistillConfig().reverse_share,
         step=0.05,
         format="%.2f",
         help="robustkd-reverse learns one trigger per class from the teacher on the trusted "

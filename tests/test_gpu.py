@@ -61,7 +61,7 @@ def test_teacher_steps_never_wait_for_the_gpu(small_train: ImageDataset) -> None
 
 @pytest.mark.parametrize("method", ["robustkd", "robustkd-reverse"])
 def test_robustkd_distillation_steps_never_wait_for_the_gpu(tiny_teacher: Path, method) -> None:
-    """Also with the stamped copies of robustkd-reverse, drawn on the host at a fixed count."""
+    """Also with robustkd-reverse's stamped rows, drawn on the host and chosen by torch.where."""
     teacher, meta = load_checkpoint(tiny_teacher)
     scenario = build_scenario(
         "untrusted", meta, rate=0.2, distill_size=600, trusted_size=200, test_size=200

@@ -184,6 +184,9 @@ def test_a_malformed_triggers_file_is_refused_in_one_sentence(tmp_path: Path, ar
     np.savez(path, **arrays)
     with pytest.raises(DataError, match="run robustkd-reverse again"):
         ReversedTriggers.load(path)
+
+
+def test_a_triggers_file_that_is_no_zip_is_refused(tmp_path: Path) -> None:
     (tmp_path / "junk-triggers.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="run robustkd-reverse again"):
         ReversedTriggers.load(tmp_path / "junk-triggers.npz")
